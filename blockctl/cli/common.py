@@ -1,0 +1,52 @@
+"""What every command module shares: consoles, JSON output, the registry in context."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+console = Console()
+# Errors stay on one line whatever the terminal width, so they can be grepped and parsed.
+err_console = Console(stderr=True, soft_wrap=True)
+
+REGISTRY_ENV = "BLOCKCTL_REGISTRY"
+
+
+def default_registry() -> str:
+    """``$XDG_DATA_HOME/blockctl/registry`` (``~/.local/share/blockctl/registry``)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "blockctl" / "registry")
+
+
+@dataclass(frozen=True)
+class Settings:
+    registry: str
+
+
+def settings(ctx: typer.Context) -> Settings:
+    root = ctx.find_root()
+    obj = root.obj
+    if isinstance(obj, Settings):
+        return obj
+    return Settings(registry=os.environ.get(REGISTRY_ENV) or default_registry())
+
+
+def open_registry(ctx: typer.Context):  # type: ignore[no-untyped-def]
+    from registry import open_registry as _open
+
+    return _open(settings(ctx).registry)
+
+
+def emit_json(obj: Any) -> None:
+    """One JSON document on stdout, nothing else, so scripts can parse it."""
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")

@@ -1,0 +1,239 @@
+"""The layout: which modules of which base carry slots, how many slots of what rank, and the
+basis they are cut from. Fixed when a registry is created; every adapter is checked against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from blockctl import blocks
+from blockctl.base_model import BaseFolder
+from blockctl.errors import InvalidInput, ValidationFailed
+
+SCHEMA_VERSION = 1
+TOKEN_EMBEDDING_KEY = "embeddings.token_embedding.weight"
+
+TEXT_MODEL_PREFIX = "text_model."
+
+# Target presets (DESIGN section 2). Patterns match weight keys without ".weight".
+_UNET_ATTN = re.compile(r"^(.*\.attn[12])\.(to_q|to_k|to_v|to_out\.0)$")
+_UNET_CROSS_KV = re.compile(r"^(.*\.attn2)\.(to_k|to_v)$")
+_TEXT_ATTN = re.compile(r"^(encoder\.layers\.\d+\.self_attn)\.(q_proj|k_proj|v_proj|out_proj)$")
+PRESETS = {"attn": _UNET_ATTN, "cross-kv": _UNET_CROSS_KV}
+DEFAULT_PRESET = "cross-kv"
+# Where the base came from is informational: moving a base folder keeps the layout.
+_UNHASHED = ("base",)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One Linear layer carrying slots, e.g. ``unet.mid_block…attn2.to_k``."""
+
+    name: str
+    in_features: int
+    out_features: int
+
+    @property
+    def component(self) -> str:
+        return self.name.split(".", 1)[0]
+
+    @property
+    def module(self) -> str:
+        return self.name.split(".", 1)[1]
+
+
+@dataclass(frozen=True)
+class Layout:
+    base: str
+    base_fingerprint: str
+    preset: str
+    text_encoder: bool
+    targets: tuple[Target, ...]
+    rank: int
+    slots: int
+    scale: float
+    token_dim: int
+    basis_seed: int
+    basis_sha256: str
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def widths(self) -> list[int]:
+        return sorted({t.in_features for t in self.targets})
+
+    def target(self, name: str) -> Target:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["targets"] = [asdict(t) for t in self.targets]
+        data["layout_hash"] = self.layout_hash
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Layout:
+        version = int(data.get("schema_version", 0))
+        if version > SCHEMA_VERSION:
+            raise InvalidInput(
+                f"layout schema {version} is newer than this blockctl understands "
+                f"({SCHEMA_VERSION}); upgrade blockctl"
+            )
+        fields = {k: v for k, v in data.items() if k not in ("layout_hash", "targets")}
+        layout = cls(targets=tuple(Target(**t) for t in data["targets"]), **fields)
+        stored = data.get("layout_hash")
+        if stored is not None and stored != layout.layout_hash:
+            raise ValidationFailed("layout record is damaged: its hash does not match its content")
+        return layout
+
+    @property
+    def layout_hash(self) -> str:
+        data = asdict(self)
+        for key in _UNHASHED:
+            data.pop(key)
+        data["targets"] = [asdict(t) for t in self.targets]
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def find_targets(base: BaseFolder, preset: str, text_encoder: bool) -> tuple[Target, ...]:
+    """Every Linear weight of the base that the preset selects, sorted by name."""
+    if preset not in PRESETS:
+        raise InvalidInput(f"unknown target preset {preset!r}; choose one of {sorted(PRESETS)}")
+    found = _match(base, "unet", PRESETS[preset])
+    if text_encoder:
+        found += _match(base, "text_encoder", _TEXT_ATTN)
+    if not found:
+        raise InvalidInput(f"the base has no modules matching preset {preset!r}")
+    return tuple(sorted(found, key=lambda t: t.name))
+
+
+def _match(base: BaseFolder, component: str, pattern: re.Pattern[str]) -> list[Target]:
+    out = []
+    for key, info in base.tensors(component).items():
+        if not key.endswith(".weight") or len(info.shape) != 2:
+            continue
+        module = canonical_module(key[: -len(".weight")])
+        if pattern.match(module):
+            out.append(Target(f"{component}.{module}", info.shape[1], info.shape[0]))
+    return out
+
+
+def canonical_module(name: str) -> str:
+    """Module names as transformers 5 has them: CLIP checkpoints saved by transformers 4 (most
+    of the Hub) carry a ``text_model.`` prefix that newer versions drop when loading."""
+    return name.removeprefix(TEXT_MODEL_PREFIX)
+
+
+def fingerprint(base: BaseFolder, targets: tuple[Target, ...]) -> str:
+    """sha256 over the targets' names, shapes and float32 weight bytes, so an adapter trained
+    for one base is refused by another, even one with the same architecture."""
+    digest = hashlib.sha256()
+    for t in sorted(targets, key=lambda t: t.name):
+        weight = base.read(t.component, f"{t.module}.weight").to(torch.float32).contiguous()
+        digest.update(f"{t.name}:{tuple(weight.shape)}\n".encode())
+        digest.update(weight.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def token_dim(base: BaseFolder) -> int:
+    try:
+        info = base.info("text_encoder", TOKEN_EMBEDDING_KEY)
+    except ValidationFailed:
+        raise InvalidInput(
+            "the base's text encoder has no token embedding (not a CLIP model?)"
+        ) from None
+    return int(info.shape[1])
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def basis_key(width: int) -> str:
+    return f"basis.{width}"
+
+
+def write_basis(bases: dict[int, torch.Tensor], path: Path) -> str:
+    save_file({basis_key(d): b.contiguous() for d, b in bases.items()}, str(path))
+    return sha256_file(path)
+
+
+def build_layout(
+    base_spec: str,
+    base_dir: Path,
+    *,
+    preset: str = DEFAULT_PRESET,
+    text_encoder: bool = False,
+    slots: int = 16,
+    rank: int = 4,
+    scale: float = 1.0,
+    seed: int = 0,
+    basis_path: Path,
+) -> Layout:
+    """Inspect the base, check capacity, draw and write the basis, return the layout."""
+    base = BaseFolder(base_dir)
+    targets = find_targets(base, preset, text_encoder)
+    try:
+        blocks.check_capacity(slots, rank, [t.in_features for t in targets])
+    except blocks.LayoutError as exc:
+        raise InvalidInput(str(exc)) from exc
+    if not scale > 0:
+        raise InvalidInput(f"scale must be positive, got {scale}")
+    bases = blocks.make_bases([t.in_features for t in targets], seed)
+    basis_sha = write_basis(bases, basis_path)
+    return Layout(
+        base=base_spec,
+        base_fingerprint=fingerprint(base, targets),
+        preset=preset,
+        text_encoder=text_encoder,
+        targets=targets,
+        rank=rank,
+        slots=slots,
+        scale=scale,
+        token_dim=token_dim(base),
+        basis_seed=seed,
+        basis_sha256=basis_sha,
+    )
+
+
+def load_basis(path: Path, layout: Layout) -> dict[int, torch.Tensor]:
+    """The stored bases, checked against the layout's sha256 and widths."""
+    from safetensors.torch import load_file
+
+    if sha256_file(path) != layout.basis_sha256:
+        raise ValidationFailed(f"{path} does not match the layout's basis sha256 (damaged?)")
+    tensors = load_file(str(path))
+    out = {}
+    for d in layout.widths:
+        b = tensors.get(basis_key(d))
+        if b is None or tuple(b.shape) != (d, d):
+            raise ValidationFailed(f"basis file lacks a {d}×{d} basis")
+        out[d] = b
+    return out
+
+
+def layout_of(registry: Any) -> Layout:
+    """The registry's layout as a ``Layout``; a damaged or too-new record is a registry fault."""
+    from blockctl.errors import BlockctlError, RegistryUnavailable
+
+    try:
+        return Layout.from_dict(registry.layout())
+    except BlockctlError as exc:
+        raise RegistryUnavailable(f"registry {registry.location}: {exc.message}") from exc
+    except (KeyError, TypeError) as exc:
+        raise RegistryUnavailable(f"registry {registry.location}: malformed layout record") from exc

@@ -1,0 +1,143 @@
+"""Streaming safetensors I/O: peak memory ≈ the largest tensor, not the model.
+
+``StreamWriter`` writes the header first, from shapes and dtypes known in advance, then each
+tensor's bytes in the announced order as it is produced. ``iter_tensors`` reads a file one
+tensor at a time through ``safe_open`` (memory-mapped, so nothing else is resident).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+import torch
+from safetensors import safe_open
+
+DTYPE_CODES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor the writer will receive: its key, dtype and shape."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def header_bytes(entries: Sequence[Entry], metadata: Mapping[str, str] | None) -> bytes:
+    """The safetensors header (length prefix included) for tensors laid out in this order."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for e in entries:
+        if e.dtype not in DTYPE_CODES:
+            raise ValueError(f"{e.key}: dtype {e.dtype} cannot be stored in safetensors here")
+        header[e.key] = {
+            "dtype": DTYPE_CODES[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
+        }
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
+    # The data section starts 8-byte aligned, as safetensors' own writer pads it.
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class StreamWriter:
+    """Write a safetensors file tensor by tensor, in the order of ``entries``."""
+
+    def __init__(
+        self, path: Path, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None
+    ) -> None:
+        keys = [e.key for e in entries]
+        if len(set(keys)) != len(keys):
+            raise ValueError("duplicate tensor keys")
+        self.path = path
+        self._entries = list(entries)
+        self._next = 0
+        self._fh: BinaryIO = path.open("xb")
+        self._fh.write(header_bytes(self._entries, metadata))
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._entries):
+            raise ValueError(f"unexpected tensor {key!r}: every announced tensor was written")
+        expected = self._entries[self._next]
+        if key != expected.key:
+            raise ValueError(f"tensor {key!r} written out of order (expected {expected.key!r})")
+        if tensor.dtype != expected.dtype or tuple(tensor.shape) != expected.shape:
+            raise ValueError(
+                f"{key}: got {tensor.dtype}{list(tensor.shape)}, "
+                f"announced {expected.dtype}{list(expected.shape)}"
+            )
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        if flat.numel():
+            self._fh.write(memoryview(flat.view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish the file; an incomplete file is an error (the caller discards it)."""
+        if self._fh.closed:
+            return
+        self._fh.close()
+        if self._next != len(self._entries):
+            missing = self._entries[self._next].key
+            raise ValueError(f"{self.path.name}: {missing!r} and later tensors were never written")
+
+    def abort(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> StreamWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def read_entries(path: Path) -> list[Entry]:
+    """Keys, dtypes and shapes of a safetensors file, in key order, without reading data."""
+    out = []
+    with safe_open(str(path), framework="pt") as handle:
+        for key in sorted(handle.keys()):  # noqa: SIM118 - safe_open is not a mapping
+            sl = handle.get_slice(key)
+            code = sl.get_dtype()
+            if code not in CODE_DTYPES:
+                raise ValueError(f"{path.name}: tensor {key!r} has unsupported dtype {code}")
+            out.append(Entry(key, CODE_DTYPES[code], tuple(sl.get_shape())))
+    return out
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def iter_tensors(path: Path, keys: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, tensor)`` for ``keys`` in order, one at a time."""
+    with safe_open(str(path), framework="pt") as handle:
+        for key in keys:
+            yield key, handle.get_tensor(key)

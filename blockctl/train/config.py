@@ -1,0 +1,103 @@
+"""Training settings: one frozen dataclass, validated once, stored in checkpoints and adapters."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from blockctl.errors import InvalidInput
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+SCHEDULES = ("constant", "cosine", "linear")
+# Settings that change what a step computes: a resumed run must use the checkpoint's values to
+# reproduce an uninterrupted one. ``steps`` and ``checkpoint_every`` may change on resume.
+RESUMABLE_OVERRIDES = ("steps", "checkpoint_every", "mixed_precision")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Defaults tuned on the toy base (see benchmarks/results/train_speed.json and the module
+    # docstring of blockctl.train.loop); a concept shows up clearly in a few hundred steps.
+    steps: int = 300
+    lr: float = 1e-3
+    embedding_lr: float = 5e-3
+    batch_size: int = 2
+    grad_accum: int = 1
+    warmup_steps: int = 20
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    roe: bool = True
+    roe_prob: float = 0.5
+    roe_weight: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 100
+    mixed_precision: str = "no"
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        positive_ints = ("steps", "batch_size", "grad_accum", "checkpoint_every")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidInput(f"--{_flag(name)} must be a positive integer, got {value}")
+        if self.warmup_steps < 0:
+            raise InvalidInput(f"--warmup-steps must not be negative, got {self.warmup_steps}")
+        if self.seed < 0:
+            raise InvalidInput(f"--seed must not be negative, got {self.seed}")
+        for name in ("lr", "embedding_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise InvalidInput(f"--{_flag(name)} must be a non-negative number, got {value}")
+        for name in ("weight_decay", "max_grad_norm", "roe_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise InvalidInput(f"--{_flag(name)} must be a non-negative number, got {value}")
+        if not 0.0 <= self.roe_prob <= 1.0:
+            raise InvalidInput(f"--roe-prob must be between 0 and 1, got {self.roe_prob}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise InvalidInput(
+                f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, "
+                f"got {self.mixed_precision!r}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise InvalidInput(
+                f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
+
+    @property
+    def roe_active(self) -> bool:
+        return self.roe and self.roe_prob > 0 and self.roe_weight > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
+        return replace(self, **overrides)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """Multiplier of the base learning rates at optimizer step ``step`` (0-based).
+
+    A pure function of the step, so a resumed run needs no scheduler state to match an
+    uninterrupted one.
+    """
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    if config.schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,225 @@
+"""The trainable part of a concept: slot adapters on the target Linears and one token row.
+
+A ``SlotLinear`` is a LoRA layer whose down-projection is GIVEN (``A_s``, cut from the
+registry's basis, a frozen buffer) and whose up-projection ``B_s`` starts at zero, so training
+starts exactly at the base model and every update stays inside the slot's subspace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blockctl.adapter import token_key, up_key
+from blockctl.blocks import slot_down
+from blockctl.errors import InvalidInput
+from blockctl.layout import Layout, Target
+
+
+class SlotLinear(nn.Module):
+    """``y = W x + scale · (x A_sᵀ) B_sᵀ``; ``enabled = False`` gives back the base layer."""
+
+    def __init__(self, base: nn.Linear, down: torch.Tensor, scale: float) -> None:
+        super().__init__()
+        if down.shape[1] != base.in_features:
+            raise InvalidInput(
+                f"slot basis is {down.shape[1]} wide but the layer takes {base.in_features}"
+            )
+        self.base = base
+        self.scale = scale
+        self.enabled = True
+        self.register_buffer("down", down.to(base.weight.dtype).contiguous())
+        self.up = nn.Parameter(
+            torch.zeros(base.out_features, down.shape[0], dtype=torch.float32)
+        )
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some diffusers code paths read ``to_k.weight``
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        down: torch.Tensor = self.down  # type: ignore[assignment]
+        low = F.linear(x, down.to(x.dtype))
+        return y + self.scale * F.linear(low, self.up.to(x.dtype))
+
+
+class TokenEmbedding(nn.Module):
+    """The text encoder's token embedding plus ONE trainable row for the concept token.
+
+    The original matrix stays frozen and is not copied, so merged tokenizers of several concepts
+    never disagree about the ordinary vocabulary. ``enabled = False`` puts back the row's
+    starting value (the class word's embedding), i.e. the model before training.
+    """
+
+    def __init__(self, base: nn.Embedding, token_id: int, init: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.token_id = token_id
+        self.enabled = True
+        self.row = nn.Parameter(init.detach().clone().float().reshape(1, -1))
+        self.register_buffer("initial", init.detach().clone().float().reshape(1, -1))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mask = input_ids == self.token_id
+        # The new id may lie past the frozen matrix: look up row 0 there and overwrite it.
+        safe = torch.where(mask, torch.zeros_like(input_ids), input_ids)
+        out = self.base(safe)
+        if not bool(mask.any()):
+            return out
+        initial: torch.Tensor = self.initial  # type: ignore[assignment]
+        row = self.row if self.enabled else initial
+        return torch.where(mask.unsqueeze(-1), row.to(out.dtype).expand_as(out), out)
+
+
+class ConceptAdapter:
+    """Every trainable piece of one concept and a switch for all of them at once."""
+
+    def __init__(self, slots: Mapping[str, SlotLinear], embedding: TokenEmbedding, token: str):
+        self.slots = dict(slots)
+        self.embedding = embedding
+        self.token = token
+
+    def slot_parameters(self) -> list[nn.Parameter]:
+        return [m.up for m in self.slots.values()]
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        return [self.embedding.row]
+
+    def set_enabled(self, enabled: bool) -> None:
+        for m in self.slots.values():
+            m.enabled = enabled
+        self.embedding.enabled = enabled
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The base model's behaviour inside the block (for ROE targets and "before" samples)."""
+        self.set_enabled(False)
+        try:
+            yield
+        finally:
+            self.set_enabled(True)
+
+    @contextmanager
+    def slots_disabled(self) -> Iterator[None]:
+        """Slot updates off but the learnt token kept: ROE prompts never hold the token, so for
+        them this equals the base model while keeping the embedding's autograd graph intact."""
+        for m in self.slots.values():
+            m.enabled = False
+        try:
+            yield
+        finally:
+            for m in self.slots.values():
+                m.enabled = True
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter file's tensors (DESIGN section 6)."""
+        out = {up_key(name): m.up.detach().float().cpu().clone() for name, m in self.slots.items()}
+        out[token_key(self.token)] = self.embedding.row.detach().float().cpu().clone()
+        return out
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, m in self.slots.items():
+                m.up.copy_(tensors[up_key(name)])
+            self.embedding.row.copy_(tensors[token_key(self.token)])
+
+
+def find_module(root: nn.Module, module: str) -> tuple[str, nn.Module]:
+    """The live submodule for a layout module name. transformers 5 dropped the ``text_model.``
+    level of CLIPTextModel that saved weights (and hence layouts) still carry."""
+    candidates = [module]
+    if module.startswith("text_model."):
+        candidates.append(module[len("text_model.") :])
+    for name in candidates:
+        try:
+            return name, root.get_submodule(name)
+        except AttributeError:
+            continue
+    raise InvalidInput(f"the base model has no module {module!r} (layout made for another base?)")
+
+
+def attach(
+    components: Mapping[str, nn.Module],
+    layout: Layout,
+    bases: Mapping[int, torch.Tensor],
+    slot: int,
+    tokenizer: object,
+    token: str,
+    class_word: str,
+) -> ConceptAdapter:
+    """Wrap every target of ``layout`` in ``components`` and add the concept token."""
+    slots: dict[str, SlotLinear] = {}
+    for target in layout.targets:
+        slots[target.name] = _wrap(components, target, bases, slot, layout)
+    text_encoder = components["text_encoder"]
+    embedding = _add_token(text_encoder, tokenizer, token, class_word)
+    return ConceptAdapter(slots, embedding, token)
+
+
+def _wrap(
+    components: Mapping[str, nn.Module],
+    target: Target,
+    bases: Mapping[int, torch.Tensor],
+    slot: int,
+    layout: Layout,
+) -> SlotLinear:
+    root = components.get(target.component)
+    if root is None:
+        raise InvalidInput(f"target {target.name} is in an unknown component")
+    name, linear = find_module(root, target.module)
+    if not isinstance(linear, nn.Linear):
+        raise InvalidInput(f"target {target.name} is a {type(linear).__name__}, not a Linear")
+    if (linear.out_features, linear.in_features) != (target.out_features, target.in_features):
+        raise InvalidInput(f"target {target.name} has another shape than the layout says")
+    down = slot_down(bases[target.in_features], slot, layout.rank)
+    wrapped = SlotLinear(linear, down, layout.scale)
+    root.set_submodule(name, wrapped)
+    return wrapped
+
+
+def _add_token(
+    text_encoder: nn.Module, tokenizer: object, token: str, class_word: str
+) -> TokenEmbedding:
+    name, embedding = find_module(text_encoder, "text_model.embeddings.token_embedding")
+    if not isinstance(embedding, nn.Embedding):
+        raise InvalidInput("the text encoder's token embedding is not an nn.Embedding")
+    if tokenizer.add_tokens([token]) != 1:  # type: ignore[attr-defined]
+        raise InvalidInput(f"token {token!r} already exists in the base's tokenizer")
+    token_id = int(tokenizer.convert_tokens_to_ids(token))  # type: ignore[attr-defined]
+    class_ids = class_token_ids(tokenizer, class_word)
+    weight = embedding.weight.detach()
+    init = weight[class_ids].float().mean(dim=0)
+    wrapped = TokenEmbedding(embedding, token_id, init)
+    text_encoder.set_submodule(name, wrapped)
+    return wrapped
+
+
+def class_token_ids(tokenizer: object, word: str) -> Sequence[int]:
+    ids = tokenizer(word, add_special_tokens=False).input_ids  # type: ignore[operator]
+    if not ids:
+        raise InvalidInput(f"class word {word!r} tokenizes to nothing")
+    return [int(i) for i in ids]
+
+
+def freeze(*modules: nn.Module) -> None:
+    for m in modules:
+        m.requires_grad_(False)

@@ -1,0 +1,761 @@
+"""The local registry, the embedded default: SQLite through sqlite-utils, plus a blob folder.
+
+Folder layout::
+
+    <root>/registry.db                               SQLite, WAL journal
+    <root>/basis.safetensors                         the layout's orthonormal bases
+    <root>/adapters/<sha256[:2]>/<sha256>.safetensors adapter files, content-addressed
+
+Uniqueness of slot, concept and token is enforced by the database (primary key and UNIQUE
+indexes, the latter also case-insensitive), and every change runs in one ``BEGIN IMMEDIATE``
+transaction, so concurrent processes can never be handed the same slot. Every method either
+does all of its work or leaves the registry as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from blockctl.errors import (
+    BlockctlError,
+    InvalidInput,
+    RegistryUnavailable,
+    SlotConflict,
+    ValidationFailed,
+)
+from blockctl.names import check_concept, check_token, check_word
+from registry.base import PUBLISHED, RELEASED, RESERVED, AdapterRecord, Registry, SlotRecord
+from registry.migrations import (
+    MIGRATIONS_TABLE,
+    NewerSchemaError,
+    current_version,
+    has_migrations_table,
+    migrate,
+    utc_now,
+)
+
+DB_NAME = "registry.db"
+BASIS_NAME = "basis.safetensors"
+ADAPTERS_DIR = "adapters"
+STAGING_NAME = ".blockctl-creating"
+BUSY_TIMEOUT_S = 60.0
+TABLES = ("layout", "slots", "adapters", "events")
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1 << 20
+_SLOT_FIELDS = (
+    "slot",
+    "concept",
+    "token",
+    "class_word",
+    "owner",
+    "status",
+    "reserved_at",
+    "published_at",
+    "released_at",
+)
+_SLOT_COLS = ", ".join(_SLOT_FIELDS)
+_ADAPTER_FIELDS = ("concept", "slot", "sha256", "size", "path", "published_at")
+
+
+def _slot_record(row: Mapping[str, Any]) -> SlotRecord:
+    return SlotRecord(**{k: row[k] for k in _SLOT_FIELDS})
+
+
+def _adapter_record(row: Mapping[str, Any]) -> AdapterRecord:
+    return AdapterRecord(**{k: row[k] for k in _ADAPTER_FIELDS})
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _connect(path: Path, *, must_exist: bool) -> Database:
+    """A connection in driver autocommit mode (we issue BEGIN IMMEDIATE ourselves)."""
+    if must_exist:
+        # mode=rw: never create a database file when only opening
+        conn = sqlite3.connect(
+            path.resolve().as_uri() + "?mode=rw",
+            uri=True,
+            timeout=BUSY_TIMEOUT_S,
+            isolation_level=None,
+        )
+    else:
+        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return Database(conn, execute_plugins=False)
+    except BaseException:
+        conn.close()
+        raise
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
+class LocalRegistry(Registry):
+    """A registry in a local folder. Opening is lazy: nothing is read (or created) until the
+    first call; ``create`` is the only method that writes files where there were none."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser()
+        self.location = str(self.root)
+        self._db: Database | None = None
+        self._layout: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"LocalRegistry({self.location!r})"
+
+    def close(self) -> None:
+        """Close the database connection (reopened on the next call)."""
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+        self._db = None
+        self._layout = None
+
+    def __enter__(self) -> LocalRegistry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- paths -----------------------------------------------------------------------------
+    @property
+    def db_path(self) -> Path:
+        return self.root / DB_NAME
+
+    def _init_hint(self) -> str:
+        return f"blockctl --registry {self.location} init ..."
+
+    # -- opening and validation --------------------------------------------------------------
+    def _open(self) -> Database:
+        if self._db is not None:
+            return self._db
+        root = self.root
+        if not root.exists():
+            raise RegistryUnavailable(f"no registry at {root}", hint=self._init_hint())
+        if not root.is_dir() or not self.db_path.is_file():
+            raise RegistryUnavailable(
+                f"{root} is not a blockctl registry (no {DB_NAME})",
+                hint=f"create one in a new or empty folder: {self._init_hint()}",
+            )
+        with self._guard():
+            db = _connect(self.db_path, must_exist=True)
+        try:
+            with self._guard():
+                self._layout = self._validate(db)
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        return db
+
+    def _corrupt(self, why: str) -> RegistryUnavailable:
+        return RegistryUnavailable(
+            f"the registry database {self.db_path} is corrupt: {why}",
+            hint="restore the registry folder from a backup",
+        )
+
+    def _newer(self, why: str) -> RegistryUnavailable:
+        return RegistryUnavailable(
+            f"the registry at {self.location} was made by a newer blockctl ({why})",
+            hint="upgrade blockctl (pip install -U blockctl)",
+        )
+
+    def _validate(self, db: Database) -> dict[str, Any]:
+        """Integrity, schema version, migrations, tables, layout row, basis file."""
+        try:
+            result = [r[0] for r in db.execute("PRAGMA integrity_check").fetchall()]
+        except sqlite3.DatabaseError as exc:
+            raise RegistryUnavailable(
+                f"{self.db_path} is not a readable SQLite database ({exc})",
+                hint="restore the registry folder from a backup",
+            ) from exc
+        if result != ["ok"]:
+            raise self._corrupt("; ".join(str(r) for r in result[:3]))
+        if not has_migrations_table(db):
+            raise RegistryUnavailable(
+                f"{self.db_path} is not a blockctl registry database (no {MIGRATIONS_TABLE} table)",
+                hint=f"create a registry in a new or empty folder: {self._init_hint()}",
+            )
+        try:
+            migrate(db)
+        except NewerSchemaError as exc:
+            raise self._newer(f"unknown schema migrations: {exc}") from exc
+        missing = [t for t in TABLES if not db[t].exists()]
+        if missing:
+            raise self._corrupt(f"missing tables {', '.join(missing)}")
+        rows = list(db.query("SELECT json, schema_version FROM layout"))
+        if len(rows) != 1:
+            raise self._corrupt(f"expected one layout row, found {len(rows)}")
+        if int(rows[0]["schema_version"] or 0) > current_version():
+            raise self._newer(
+                f"schema version {rows[0]['schema_version']}, this blockctl knows up to "
+                f"{current_version()}"
+            )
+        try:
+            layout = json.loads(rows[0]["json"])
+        except (TypeError, ValueError) as exc:
+            raise self._corrupt(f"the layout is not valid JSON ({exc})") from exc
+        if not isinstance(layout, dict) or not _valid_slot_count(layout.get("slots")):
+            raise self._corrupt("the layout has no valid 'slots' count")
+        if not (self.root / BASIS_NAME).is_file():
+            raise RegistryUnavailable(
+                f"the registry at {self.location} is incomplete: {BASIS_NAME} is missing",
+                hint="restore the registry folder from a backup",
+            )
+        return layout
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Turn SQLite failures into RegistryUnavailable (one line, for the user)."""
+        try:
+            yield
+        except BlockctlError:
+            raise
+        except sqlite3.OperationalError as exc:
+            text = str(exc)
+            if "locked" in text or "busy" in text:
+                raise RegistryUnavailable(
+                    f"the registry database {self.db_path} stayed locked by another process "
+                    f"for {BUSY_TIMEOUT_S:.0f} s",
+                    hint="try again when the other blockctl command has finished",
+                ) from exc
+            raise RegistryUnavailable(
+                f"cannot use the registry database {self.db_path}: {text}"
+            ) from exc
+        except sqlite3.DatabaseError as exc:
+            raise RegistryUnavailable(
+                f"the registry database {self.db_path} failed: {exc}",
+                hint="restore the registry folder from a backup",
+            ) from exc
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[Database]:
+        """One write transaction, holding the database write lock from the start."""
+        db = self._open()
+        conn = db.conn
+        with self._guard():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                _rollback(conn)
+                raise
+            try:
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+
+    def _read(self) -> Database:
+        return self._open()
+
+    # -- creation and layout -------------------------------------------------------------------
+    def create(self, layout: dict[str, Any], basis_file: Path) -> None:
+        if not isinstance(layout, dict):
+            raise InvalidInput("the layout must be a dict")
+        if not _valid_slot_count(layout.get("slots")):
+            raise InvalidInput(
+                f"the layout needs a positive integer 'slots', got {layout.get('slots')!r}"
+            )
+        try:
+            layout_json = json.dumps(layout, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"the layout is not JSON-serialisable: {exc}") from exc
+        basis_file = Path(basis_file)
+        if not basis_file.is_file():
+            raise InvalidInput(f"basis file {basis_file} does not exist")
+
+        root = self.root
+        if root.exists():
+            if not root.is_dir():
+                raise InvalidInput(f"{root} exists and is not a folder")
+            if (root / DB_NAME).exists():
+                raise InvalidInput(f"a registry already exists at {root}")
+            if any(root.iterdir()):
+                raise InvalidInput(
+                    f"{root} is not empty", hint="create the registry in a new or empty folder"
+                )
+        self.close()
+        if root.exists():
+            self._create_in_empty_folder(layout_json, basis_file)
+        else:
+            self._create_new_folder(layout_json, basis_file)
+
+    def _build(self, where: Path, layout_json: str, basis_file: Path) -> None:
+        """Write a complete registry into the (empty) folder ``where``."""
+        shutil.copyfile(basis_file, where / BASIS_NAME)
+        (where / ADAPTERS_DIR).mkdir()
+        db = _connect(where / DB_NAME, must_exist=False)
+        try:
+            db.enable_wal()
+            migrate(db)
+            conn = db.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                now = utc_now()
+                db.execute(
+                    "INSERT INTO layout (id, json, schema_version, created_at) VALUES (1, ?, ?, ?)",
+                    [layout_json, current_version(), now],
+                )
+                db.execute(
+                    "INSERT INTO events (time, action, detail) VALUES (?, 'create', ?)",
+                    [now, json.dumps({"schema_version": current_version()})],
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+        finally:
+            db.close()
+
+    def _create_new_folder(self, layout_json: str, basis_file: Path) -> None:
+        """Build in a hidden sibling folder, then rename it into place: the registry appears
+        complete or not at all."""
+        target = self.root.resolve()
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.creating-", dir=target.parent))
+        except OSError as exc:
+            raise InvalidInput(f"cannot create a registry at {self.root}: {exc}") from exc
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())
+            with self._guard():
+                self._build(tmp, layout_json, basis_file)
+            try:
+                os.rename(tmp, target)
+            except OSError as exc:
+                if target.exists():
+                    raise InvalidInput(f"a registry already exists at {self.root}") from exc
+                raise InvalidInput(f"cannot create a registry at {self.root}: {exc}") from exc
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _create_in_empty_folder(self, layout_json: str, basis_file: Path) -> None:
+        """The folder exists (perhaps a mount point, so it cannot be replaced): build in a
+        staging subfolder, then move the pieces up, ``registry.db`` last, since its presence
+        is what makes the folder a registry. On failure, remove everything moved."""
+        root = self.root
+        staging = root / STAGING_NAME
+        try:
+            staging.mkdir()  # exclusive: a concurrent create fails here
+        except FileExistsError as exc:
+            raise InvalidInput(f"another process is creating a registry at {root}") from exc
+        except OSError as exc:
+            raise InvalidInput(f"cannot create a registry at {root}: {exc}") from exc
+        moved: list[Path] = []
+        try:
+            if [p.name for p in root.iterdir()] != [STAGING_NAME]:
+                raise InvalidInput(
+                    f"{root} is not empty", hint="create the registry in a new or empty folder"
+                )
+            with self._guard():
+                self._build(staging, layout_json, basis_file)
+            for name in (BASIS_NAME, ADAPTERS_DIR, DB_NAME):
+                os.rename(staging / name, root / name)
+                moved.append(root / name)
+            staging.rmdir()
+        except BaseException as exc:
+            for path in reversed(moved):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise InvalidInput(f"cannot create a registry at {root}: {exc}") from exc
+            raise
+
+    def layout(self) -> dict[str, Any]:
+        self._open()
+        assert self._layout is not None
+        return copy.deepcopy(self._layout)
+
+    def _n_slots(self) -> int:
+        return int(self.layout()["slots"])
+
+    def basis_path(self) -> Path:
+        self._open()
+        path = self.root / BASIS_NAME
+        if not path.is_file():
+            raise RegistryUnavailable(
+                f"the registry at {self.location} is incomplete: {BASIS_NAME} is missing",
+                hint="restore the registry folder from a backup",
+            )
+        return path
+
+    # -- slots -----------------------------------------------------------------------------------
+    def reserve(
+        self,
+        concept: str,
+        token: str,
+        class_word: str,
+        owner: str,
+        slot: int | None = None,
+    ) -> SlotRecord:
+        check_concept(concept)
+        check_token(token)
+        check_word("class word", class_word)
+        check_word("owner", owner)
+        if slot is not None and (isinstance(slot, bool) or not isinstance(slot, int)):
+            raise InvalidInput(f"slot must be an integer, got {slot!r}")
+        n = self._n_slots()
+        if slot is not None and not 0 <= slot < n:
+            raise InvalidInput(f"slot {slot} is out of range: this registry has slots 0..{n - 1}")
+
+        with self._tx() as db:
+            self._check_names_free(db, concept, token)
+            if slot is None:
+                taken = {r[0] for r in db.execute("SELECT slot FROM slots")}
+                chosen = next((s for s in range(n) if s not in taken), None)
+                if chosen is None:
+                    raise self._exhausted(db, n)
+            else:
+                self._check_slot_free(db, slot)
+                chosen = slot
+            rec = SlotRecord(
+                slot=chosen,
+                concept=concept,
+                token=token,
+                class_word=class_word,
+                owner=owner,
+                status=RESERVED,
+                reserved_at=utc_now(),
+            )
+            try:
+                db.execute(
+                    "INSERT INTO slots (slot, concept, token, class_word, owner, status, "
+                    "reserved_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [chosen, concept, token, class_word, owner, RESERVED, rec.reserved_at],
+                )
+            except sqlite3.IntegrityError as exc:
+                # The checks above run under the write lock, so this is a safety net only.
+                self._check_names_free(db, concept, token)
+                self._check_slot_free(db, chosen)
+                raise SlotConflict(
+                    f"cannot reserve slot {chosen} for concept {concept!r}: {exc}"
+                ) from exc
+            self._event(
+                db,
+                "reserve",
+                concept,
+                chosen,
+                owner,
+                {"token": token, "class_word": class_word},
+            )
+        return rec
+
+    def _check_names_free(self, db: Database, concept: str, token: str) -> None:
+        row = db.execute(
+            f"SELECT {_SLOT_COLS} FROM slots WHERE concept = ? COLLATE NOCASE", [concept]
+        ).fetchone()
+        if row is not None:
+            held = self._row(db, row)
+            if held.concept != concept:
+                msg = (
+                    f"concept {concept!r} clashes with concept {held.concept!r} in slot "
+                    f"{held.slot} (owner {held.owner}); names are compared ignoring case"
+                )
+            elif held.status == RELEASED:
+                msg = (
+                    f"concept {concept!r} was released from slot {held.slot} (owner "
+                    f"{held.owner}) and its name cannot be reused"
+                )
+            else:
+                msg = (
+                    f"concept {concept!r} already holds slot {held.slot} (owner {held.owner}, "
+                    f"{held.status})"
+                )
+            raise SlotConflict(msg, hint="choose another concept name")
+        row = db.execute(
+            f"SELECT {_SLOT_COLS} FROM slots WHERE token = ? COLLATE NOCASE", [token]
+        ).fetchone()
+        if row is not None:
+            held = self._row(db, row)
+            same = "" if held.token == token else f" as {held.token!r}"
+            raise SlotConflict(
+                f"token {token!r} is already used{same} by concept {held.concept!r} "
+                f"(slot {held.slot})",
+                hint="choose another trigger token",
+            )
+
+    def _check_slot_free(self, db: Database, slot: int) -> None:
+        row = db.execute(f"SELECT {_SLOT_COLS} FROM slots WHERE slot = ?", [slot]).fetchone()
+        if row is not None:
+            held = self._row(db, row)
+            extra = ", released: slots of published adapters are never reused" * (
+                held.status == RELEASED
+            )
+            raise SlotConflict(
+                f"slot {slot} is taken by concept {held.concept!r} (owner {held.owner}{extra})",
+                hint="leave out the slot number to get the lowest free slot",
+            )
+
+    def _exhausted(self, db: Database, n: int) -> SlotConflict:
+        counts = dict(db.execute("SELECT status, count(*) FROM slots GROUP BY status").fetchall())
+        parts = [f"{counts[s]} {s}" for s in (RESERVED, PUBLISHED, RELEASED) if counts.get(s)]
+        return SlotConflict(
+            f"all {n} slots are taken ({', '.join(parts)})",
+            hint="release an unpublished concept (blockctl release-slot CONCEPT) or create a "
+            "registry with more slots",
+        )
+
+    @staticmethod
+    def _row(db: Database, row: tuple[Any, ...]) -> SlotRecord:
+        # a row of SELECT {_SLOT_COLS}
+        return SlotRecord(*row)
+
+    def _event(
+        self,
+        db: Database,
+        action: str,
+        concept: str | None,
+        slot: int | None,
+        owner: str | None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        db.execute(
+            "INSERT INTO events (time, action, concept, slot, owner, detail) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                utc_now(),
+                action,
+                concept,
+                slot,
+                owner,
+                json.dumps(detail, sort_keys=True) if detail else None,
+            ],
+        )
+
+    def release(self, concept: str, owner: str | None = None) -> SlotRecord:
+        """See ``Registry.release``. For a never-published concept the row is deleted; the
+        record returned is the last state, with status ``released`` and ``released_at``."""
+        check_concept(concept)
+        if owner is not None:
+            check_word("owner", owner)
+        with self._tx() as db:
+            row = db.execute(
+                f"SELECT {_SLOT_COLS} FROM slots WHERE concept = ?", [concept]
+            ).fetchone()
+            if row is None:
+                raise SlotConflict(f"concept {concept!r} has no reserved slot")
+            held = self._row(db, row)
+            if held.status == RELEASED:
+                raise SlotConflict(
+                    f"concept {concept!r} was already released (slot {held.slot} stays retired)"
+                )
+            if owner is not None and owner != held.owner:
+                raise SlotConflict(
+                    f"concept {concept!r} in slot {held.slot} is held by owner {held.owner}, "
+                    f"not {owner}",
+                    hint=f"ask {held.owner} to release it",
+                )
+            now = utc_now()
+            if held.status == RESERVED:
+                db.execute("DELETE FROM slots WHERE concept = ?", [concept])
+                detail = {"slot_returned": True}
+            else:
+                db.execute(
+                    "UPDATE slots SET status = ?, released_at = ? WHERE concept = ?",
+                    [RELEASED, now, concept],
+                )
+                detail = {"slot_returned": False}
+            self._event(db, "release", concept, held.slot, held.owner, detail)
+        return replace(held, status=RELEASED, released_at=now)
+
+    def slots(self) -> list[SlotRecord]:
+        db = self._read()
+        with self._guard():
+            return [
+                _slot_record(r) for r in db.query(f"SELECT {_SLOT_COLS} FROM slots ORDER BY slot")
+            ]
+
+    def slot_for(self, concept: str) -> SlotRecord:
+        db = self._read()
+        with self._guard():
+            rows = list(db.query(f"SELECT {_SLOT_COLS} FROM slots WHERE concept = ?", [concept]))
+        if rows:
+            return _slot_record(rows[0])
+        return super().slot_for(concept)  # raises the standard SlotConflict
+
+    # -- adapters -----------------------------------------------------------------------------
+    def _blob_relpath(self, sha256: str) -> str:
+        return f"{ADAPTERS_DIR}/{sha256[:2]}/{sha256}.safetensors"
+
+    def _publishable(self, db: Database, concept: str) -> SlotRecord:
+        row = db.execute(f"SELECT {_SLOT_COLS} FROM slots WHERE concept = ?", [concept]).fetchone()
+        if row is None:
+            raise SlotConflict(
+                f"concept {concept!r} has no reserved slot",
+                hint=f"blockctl reserve-slot {concept} --class-word WORD",
+            )
+        held = self._row(db, row)
+        if held.status == RELEASED:
+            raise SlotConflict(
+                f"concept {concept!r} was released from slot {held.slot} and cannot be "
+                "published again"
+            )
+        return held
+
+    def publish(self, concept: str, file: Path, sha256: str) -> AdapterRecord:
+        check_concept(concept)
+        sha = str(sha256).lower()
+        if not _SHA256.match(sha):
+            raise InvalidInput(f"sha256 must be 64 hex digits, got {sha256!r}")
+        file = Path(file)
+        if not file.is_file():
+            raise InvalidInput(f"adapter file {file} does not exist")
+        db = self._read()
+        with self._guard():
+            self._publishable(db, concept)  # fail fast, before copying anything
+
+        rel = self._blob_relpath(sha)
+        final = self.root / rel
+        folder = final.parent
+        folder_created = not folder.exists()
+        tmp: Path | None = None
+        placed = False  # blob newly placed by us and not yet committed
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp, size, got = _copy_hashing(file, folder, sha)
+            if got != sha:
+                raise ValidationFailed(
+                    f"adapter file {file} has sha256 {got}, not the {sha} it was validated with",
+                    hint="the file changed after validation; validate it again",
+                )
+            with self._tx() as db:
+                held = self._publishable(db, concept)  # again, under the write lock
+                old = db.execute(
+                    "SELECT sha256 FROM adapters WHERE concept = ?", [concept]
+                ).fetchone()
+                placed = not final.exists()
+                os.replace(tmp, final)
+                tmp = None
+                now = utc_now()
+                db.execute(
+                    "INSERT INTO adapters (concept, slot, sha256, size, path, published_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(concept) DO UPDATE SET "
+                    "slot = excluded.slot, sha256 = excluded.sha256, size = excluded.size, "
+                    "path = excluded.path, published_at = excluded.published_at",
+                    [concept, held.slot, sha, size, rel, now],
+                )
+                db.execute(
+                    "UPDATE slots SET status = ?, published_at = ? WHERE concept = ?",
+                    [PUBLISHED, now, concept],
+                )
+                self._event(
+                    db,
+                    "publish",
+                    concept,
+                    held.slot,
+                    held.owner,
+                    {"sha256": sha, "size": size, "replaces": old[0] if old else None},
+                )
+            placed = False
+        except BaseException:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            if placed:
+                final.unlink(missing_ok=True)
+            if folder_created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+        if old and old[0] != sha:
+            self._collect_blob(old[0])
+        return AdapterRecord(
+            concept=concept, slot=held.slot, sha256=sha, size=size, path=rel, published_at=now
+        )
+
+    def _collect_blob(self, sha: str) -> None:
+        """Delete a blob no adapter row references any more (best effort, under the lock)."""
+        with contextlib.suppress(BlockctlError, OSError), self._tx() as db:
+            refs = db.execute("SELECT count(*) FROM adapters WHERE sha256 = ?", [sha]).fetchone()
+            if refs[0] == 0:
+                path = self.root / self._blob_relpath(sha)
+                path.unlink(missing_ok=True)  # its shard folder stays: others may use it
+
+    def adapters(self) -> list[AdapterRecord]:
+        """Adapters of published concepts, by slot (those of released concepts are kept in
+        the store and the table, but no longer listed)."""
+        db = self._read()
+        with self._guard():
+            rows = db.query(
+                "SELECT a.* FROM adapters a JOIN slots s ON s.concept = a.concept "
+                "WHERE s.status = ? ORDER BY a.slot",
+                [PUBLISHED],
+            )
+            return [_adapter_record(r) for r in rows]
+
+    def adapter_file(self, concept: str) -> Path:
+        db = self._read()
+        with self._guard():
+            row = db.execute(
+                "SELECT a.path, s.status, s.slot FROM adapters a "
+                "JOIN slots s ON s.concept = a.concept WHERE a.concept = ?",
+                [concept],
+            ).fetchone()
+        if row is None:
+            raise SlotConflict(f"concept {concept!r} has no published adapter")
+        rel, status, slot = row
+        if status == RELEASED:
+            raise SlotConflict(
+                f"concept {concept!r} was released from slot {slot}; its adapter is withdrawn"
+            )
+        path = self.root / rel
+        if not path.is_file():
+            raise RegistryUnavailable(
+                f"the stored adapter of concept {concept!r} is missing ({path})",
+                hint="restore the registry folder from a backup, or publish the adapter again",
+            )
+        return path
+
+
+def _valid_slot_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _copy_hashing(src: Path, folder: Path, sha: str) -> tuple[Path, int, str]:
+    """Copy ``src`` to a temp file in ``folder`` (same file system as the final name, so the
+    later ``os.replace`` is atomic), hashing it on the way. Returns (temp, size, sha256)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{sha[:16]}.", suffix=".tmp", dir=folder)
+    tmp = Path(name)
+    try:
+        digest = hashlib.sha256()
+        size = 0
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            while chunk := inp.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp, size, digest.hexdigest()
