@@ -93,9 +93,9 @@ def _root(
 
 
 def _register_commands() -> None:
-    from blockctl.cli import adapters, slots
+    from blockctl.cli import adapters, evaluate, merge, slots, train
 
-    for module in (slots, adapters):
+    for module in (adapters, slots, train, evaluate, merge):
         module.register(app)
     try:
         from blockctl.cli import toy

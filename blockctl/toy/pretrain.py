@@ -88,17 +88,18 @@ class _Progress:
     def done(self, step: int) -> bool:
         return step >= self.total or self.elapsed() > self.budget
 
-    def tick(self, step: int, loss: float) -> None:
+    def tick(self, step: int, loss: torch.Tensor) -> None:
         now = time.perf_counter()
         if now - self.last < 5 and step not in (1, self.total):
-            return
+            return  # reading the loss syncs the GPU, so only when printing
         self.last = now
         rate = step / max(self.elapsed(), 1e-9)
         eta = min((self.total - step) / max(rate, 1e-9), self.budget - self.elapsed())
         console.print(
-            f"[{self.name}] step {step}/{self.total} loss {loss:.4f} "
+            f"[{self.name}] step {step}/{self.total} loss {loss.item():.4f} "
             f"{rate:.2f} steps/s ETA {max(eta, 0) / 60:.1f} min",
             highlight=False,
+            markup=False,
         )
 
 
@@ -127,7 +128,7 @@ def train_vae(pipe, cfg: PretrainConfig, budget_s: float) -> float:  # type: ign
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
-        prog.tick(step, float(loss))
+        prog.tick(step, loss.detach())
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         images, _ = sample_batch(512, seed=cfg.seed + 99)
@@ -135,7 +136,7 @@ def train_vae(pipe, cfg: PretrainConfig, budget_s: float) -> float:  # type: ign
         z = vae.encode(x).latent_dist.sample()
         err = float((vae.decode(z).sample - x).abs().mean())
     std = float(z.std())
-    console.print(f"[vae] {step} steps, recon L1 {err:.4f}, latent std {std:.4f}", highlight=False)
+    console.print(f"[vae] {step} steps, recon L1 {err:.4f}, latent std {std:.4f}", markup=False)
     return 1.0 / std
 
 
@@ -165,11 +166,6 @@ def train_unet(pipe, cfg: PretrainConfig, scale: float, budget_s: float) -> None
     params = [*unet.parameters(), *te.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     warm = 200
-    sched_lr = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / warm)
-        * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.unet_steps)))),
-    )
     ema = _Ema(params, cfg.ema)
     gen = torch.Generator().manual_seed(cfg.seed + 5)
     prog = _Progress("unet", cfg.unet_steps, budget_s)
@@ -180,8 +176,13 @@ def train_unet(pipe, cfg: PretrainConfig, scale: float, budget_s: float) -> None
         n = x.shape[0]
         drop = torch.rand(n, generator=gen) < cfg.cfg_drop
         caps = ["" if d else c for c, d in zip(caps, drop.tolist(), strict=True)]
-        ids = tok(caps, padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids.to(dev)
+        ids = tok(
+            caps,
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(dev)
         with torch.no_grad(), _autocast(dev):
             z0 = vae.encode(x).latent_dist.sample().float() * scale
         noise = torch.randn(z0.shape, generator=gen).to(dev)
@@ -195,11 +196,16 @@ def train_unet(pipe, cfg: PretrainConfig, scale: float, budget_s: float) -> None
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
+        # Cosine decay over whichever runs out first, steps or time, then warm-up on top.
+        frac = min(1.0, max(step / cfg.unet_steps, prog.elapsed() / budget_s))
+        for g in opt.param_groups:
+            g["lr"] = (
+                cfg.lr * min(1.0, (step + 1) / warm) * (0.55 + 0.45 * math.cos(math.pi * frac))
+            )
         opt.step()
-        sched_lr.step()
         step += 1
         ema.update(step)
-        prog.tick(step, float(loss))
+        prog.tick(step, loss.detach())
     ema.copy_to_params()
     unet.eval().requires_grad_(False)
     te.eval().requires_grad_(False)

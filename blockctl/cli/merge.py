@@ -1,0 +1,61 @@
+"""The ``merge`` command: any subset of published concepts into a ready-to-use model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from blockctl.cli.common import JSON_OPTION, console, emit_json, open_registry
+
+
+def merge(
+    ctx: typer.Context,
+    concepts: list[str] = typer.Argument(None, help="Published concepts to merge.", show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the merged output."),
+    fmt: str = typer.Option(
+        "diffusers", "--format", "-f",
+        help="diffusers (pipeline folder), single-file (original SD layout) or lora.",
+    ),  # fmt: skip
+    dtype: str = typer.Option(
+        None, "--dtype", help="float32, float16 or bfloat16. Default: the base's dtype.",
+        show_default=False,
+    ),  # fmt: skip
+    scale: list[str] = typer.Option(
+        None, "--scale", help="NAME=FLOAT: strength of one concept (default 1.0). Repeatable.",
+        show_default=False,
+    ),  # fmt: skip
+    lora_keys: str = typer.Option(
+        "peft", "--lora-keys", help="Key style of --format lora: peft (diffusers) or kohya."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing OUT atomically."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Merge published concepts into one model: W' = W + Σ scale·B_s A_s per target.
+
+    The output is written to a temporary sibling and renamed into place, so an interrupted
+    merge leaves nothing behind. The same inputs always give the same bytes.
+    """
+    from blockctl.merge import MergeOptions, merge as run_merge, parse_scales
+
+    options = MergeOptions(
+        out=out, format=fmt, dtype=dtype, scales=parse_scales(scale or []),
+        lora_keys=lora_keys, force=force,
+    )  # fmt: skip
+    options.check()  # bad options fail before the registry is even opened
+    result = run_merge(open_registry(ctx), list(concepts or []), options)
+    if json_out:
+        emit_json(result.to_dict())
+        return
+    names = ", ".join(f"{s.concept} (slot {s.slot})" for s in result.selected)
+    console.print(
+        f"Merged {names} into [bold]{result.out}[/] ({result.format}, "
+        f"{result.bytes / 1e6:,.1f} MB, {result.seconds:.2f} s)",
+        highlight=False,
+    )
+    for note in result.notes:
+        console.print(f"[dim]note:[/] {note}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("merge")(merge)

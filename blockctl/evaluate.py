@@ -1,0 +1,151 @@
+"""Identity metrics in function space (DESIGN section 10): how much of each concept survives a
+merge, and what the other concepts add, measured on the UNet's noise predictions.
+
+For concept s, on seeded latents, noises and timesteps, ε_b is the base, ε_s base + s alone and
+ε_m the merged model; δ_s = ε_s − ε_b and δ_m = ε_m − ε_b on s's own prompts. Each model reads
+its prompts with its own tokenizer: the base splits ``<rex>`` into characters, as a base would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from blockctl.apply import Modules, applied
+from blockctl.base_model import resolve_base
+from blockctl.errors import InvalidInput
+from blockctl.layout import layout_of
+from blockctl.merge import plan_merge
+from registry.base import Registry
+
+OWN_TEMPLATES = ("a photo of {token} {cls}", "{token} {cls}")
+PRIOR_TEMPLATES = ("a photo of a {cls}", "a {cls}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    samples: int = 4  # noised latents per prompt
+    seed: int = 0
+    t_min: int = 100  # timesteps drawn from [t_min, t_max): skip the extremes, where every
+    t_max: int = 900  # prediction is dominated by the input (t≈0) or by the prompt-free prior
+
+
+@dataclass(frozen=True)
+class ConceptMetrics:
+    concept: str
+    slot: int
+    retention: float
+    crosstalk: float
+    fidelity: float
+    prior_interference: float
+    prior_drift: float
+    delta_sq: float
+
+    def to_dict(self) -> dict[str, float | str | int]:
+        return asdict(self)
+
+
+def ratio(num: float, den: float) -> float:
+    """``num/den``, with 0/0 = 0 (nothing changed, nothing to compare) and x/0 = inf."""
+    if den > 0:
+        return num / den
+    return 0.0 if num == 0 else math.inf
+
+
+class Probe:
+    """Fixed noised latents and timesteps, shared by every model compared."""
+
+    def __init__(self, modules: Modules, scheduler_dir: Path, config: EvalConfig) -> None:
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler.from_pretrained(scheduler_dir)
+        unet_cfg = modules.unet.config  # type: ignore[attr-defined]
+        size = unet_cfg.sample_size
+        gen = torch.Generator().manual_seed(config.seed)
+        shape = (config.samples, unet_cfg.in_channels, size, size)
+        latents = torch.randn(shape, generator=gen)
+        noise = torch.randn(shape, generator=gen)
+        self.t = torch.randint(config.t_min, config.t_max, (config.samples,), generator=gen)
+        self.x_t = self.scheduler.add_noise(latents, noise, self.t)
+        self.samples = config.samples
+
+    @torch.no_grad()
+    def predict(self, modules: Modules, prompts: Sequence[str]) -> torch.Tensor:
+        tok = modules.tokenizer
+        ids = tok(  # type: ignore[operator]
+            list(prompts), padding="max_length", truncation=True,
+            max_length=tok.model_max_length, return_tensors="pt",  # type: ignore[attr-defined]
+        ).input_ids  # fmt: skip
+        text = modules.text_encoder(ids)[0]
+        outs = []
+        for i in range(len(prompts)):
+            cond = text[i : i + 1].expand(self.samples, -1, -1)
+            outs.append(modules.unet(self.x_t, self.t, encoder_hidden_states=cond).sample)
+        return torch.stack(outs).float()
+
+
+def _mean_sq(x: torch.Tensor) -> float:
+    return float((x.double() ** 2).mean())
+
+
+def concept_metrics(
+    concept: str, slot: int, e_b: torch.Tensor, e_s: torch.Tensor, e_m: torch.Tensor,
+    p_b: torch.Tensor, p_s: torch.Tensor, p_m: torch.Tensor,
+) -> ConceptMetrics:  # fmt: skip
+    """The section-10 metrics from predictions on own prompts (e_*) and prior prompts (p_*)."""
+    d_s, d_m = (e_s - e_b).double(), (e_m - e_b).double()
+    dsq = _mean_sq(d_s)
+    retention = ratio(float((d_m * d_s).mean()), dsq) if dsq > 0 else 1.0
+    return ConceptMetrics(
+        concept=concept,
+        slot=slot,
+        retention=retention,
+        crosstalk=ratio(_mean_sq(d_m - retention * d_s), dsq),
+        fidelity=1.0 - ratio(_mean_sq(e_m - e_s), dsq),
+        prior_interference=ratio(_mean_sq(p_m - p_b), dsq),
+        prior_drift=ratio(_mean_sq(p_s - p_b), dsq),
+        delta_sq=dsq,
+    )
+
+
+def evaluate(
+    registry: Registry, concepts: Sequence[str], merged: Path | None, config: EvalConfig
+) -> list[ConceptMetrics]:
+    """Metrics for each of ``concepts`` in the merged model at ``merged`` (a diffusers folder),
+    or, without one, in an in-memory merge of exactly ``concepts``."""
+    if not concepts:
+        raise InvalidInput("name at least one concept to evaluate")
+    layout = layout_of(registry)
+    base_dir = resolve_base(layout.base)
+    base = Modules.load(base_dir)
+    probe = Probe(base, base_dir / "scheduler", config)
+    full_plan = plan_merge(registry, concepts, {})
+    records = {r.concept: r for r in registry.slots()}
+
+    def own(c: str) -> list[str]:
+        r = records[c]
+        return [t.format(token=r.token, cls=r.class_word) for t in OWN_TEMPLATES]
+
+    def prior(c: str) -> list[str]:
+        return [t.format(cls=records[c].class_word) for t in PRIOR_TEMPLATES]
+
+    if merged is not None:
+        merged_modules = Modules.load(merged)
+        m_preds = {c: (probe.predict(merged_modules, own(c)), probe.predict(merged_modules, prior(c)))
+                   for c in concepts}  # fmt: skip
+        del merged_modules
+    else:
+        with applied(full_plan, base) as mod:
+            m_preds = {c: (probe.predict(mod, own(c)), probe.predict(mod, prior(c))) for c in concepts}
+    results = []
+    for c in concepts:
+        e_b, p_b = probe.predict(base, own(c)), probe.predict(base, prior(c))
+        with applied(plan_merge(registry, [c], {}), base) as alone:
+            e_s, p_s = probe.predict(alone, own(c)), probe.predict(alone, prior(c))
+        e_m, p_m = m_preds[c]
+        results.append(concept_metrics(c, records[c].slot, e_b, e_s, e_m, p_b, p_s, p_m))
+    return results

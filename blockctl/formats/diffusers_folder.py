@@ -1,0 +1,121 @@
+"""Merge into a diffusers pipeline folder: what ``from_pretrained`` loads.
+
+Every safetensors file of a changed component is streamed tensor by tensor; everything else
+(vae, scheduler, configs, …) is copied byte for byte unless ``--dtype`` recasts it. Concept
+tokens are appended to the tokenizer and their rows to the text encoder's token embedding.
+Pickled weights are never copied: blockctl only ever writes safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from blockctl.errors import InvalidInput
+from blockctl.formats import pause_mid_write
+from blockctl.layout import TOKEN_EMBEDDING_KEY
+from blockctl.merge import parse_dtype
+from blockctl.stream import StreamWriter, iter_tensors, read_entries
+
+if TYPE_CHECKING:
+    from blockctl.merge import MergeOptions, MergePlan
+
+RECORD_NAME = "blockctl_merge.json"
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class DiffusersFolder:
+    def outputs(self, out: Path, plan: MergePlan) -> list[Path]:
+        return [out]
+
+    def write(self, plan: MergePlan, temps: list[Path], options: MergeOptions) -> list[str]:
+        write_folder(plan, plan.base.root, temps[0], parse_dtype(options.dtype))
+        return []
+
+
+WRITER = DiffusersFolder()
+
+
+def write_folder(plan: MergePlan, src: Path, dst: Path, dtype: torch.dtype | None) -> None:
+    dst.mkdir()
+    paused = False
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        target = dst / rel
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        if path.suffix in _PICKLES:
+            continue
+        component = rel.parts[0] if len(rel.parts) > 1 else ""
+        if path.suffix == ".safetensors" and component:
+            _write_weights(plan, component, path, target, dtype)
+            if not paused:
+                pause_mid_write()
+                paused = True
+        elif rel == Path("text_encoder", "config.json"):
+            _write_text_config(plan, path, target, dtype)
+        elif component == "tokenizer" and plan.token_rows:
+            continue  # written below, from the tokenizer itself
+        else:
+            shutil.copyfile(path, target)
+    if plan.token_rows:
+        _write_tokenizer(plan, src / "tokenizer", dst / "tokenizer")
+    record = plan.record("diffusers", dtype)
+    (dst / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _write_weights(
+    plan: MergePlan, component: str, src: Path, dst: Path, dtype: torch.dtype | None
+) -> None:
+    entries = read_entries(src)
+    out_entries = [plan.out_entry(component, e, dtype) for e in entries]
+    if out_entries == entries and not plan.changes(component):
+        shutil.copyfile(src, dst)  # same tensors, same dtypes: the bytes are the base's
+        return
+    keys = [e.key for e in entries]
+    with StreamWriter(dst, out_entries, plan.metadata("diffusers", dtype)) as writer:
+        for key, tensor in iter_tensors(src, keys):
+            writer.write(key, plan.produce(component, key, tensor, dtype))
+
+
+def _write_text_config(plan: MergePlan, src: Path, dst: Path, dtype: torch.dtype | None) -> None:
+    config = json.loads(src.read_text())
+    if plan.token_rows:
+        rows = plan.base.tensors("text_encoder")[TOKEN_EMBEDDING_KEY].shape[0]
+        config["vocab_size"] = rows + len(plan.token_rows)
+    if dtype is not None:
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = str(dtype).removeprefix("torch.")
+    dst.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _write_tokenizer(plan: MergePlan, src: Path, dst: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    rows = plan.base.tensors("text_encoder")[TOKEN_EMBEDDING_KEY].shape[0]
+    if len(tokenizer) != rows:
+        raise InvalidInput(
+            f"the base's tokenizer has {len(tokenizer)} tokens but its text encoder has {rows} "
+            "embedding rows; cannot place the concept tokens"
+        )
+    tokens = [tok for tok, _ in plan.token_rows]
+    taken = [tok for tok in tokens if tok in tokenizer.get_vocab()]
+    if taken:
+        raise InvalidInput(f"token(s) already in the base's vocabulary: {', '.join(taken)}")
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    if ids != list(range(rows, rows + len(tokens))):
+        raise InvalidInput(f"the tokenizer gave the concept tokens ids {ids}, not new ones")
+    dst.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(dst))
+    # Keep the classic vocab.json/merges.txt for tools that read tokenizers the old way.
+    for path in sorted(src.iterdir()):
+        if path.is_file() and not (dst / path.name).exists() and path.suffix not in _PICKLES:
+            shutil.copyfile(path, dst / path.name)

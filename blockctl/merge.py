@@ -1,0 +1,299 @@
+"""Instant merge of any subset of published concepts (DESIGN section 8).
+
+``plan_merge`` checks the request against the registry and loads the selected adapters' B
+blocks (small: rank × out per target). The output writers in ``blockctl.formats`` then stream
+the base tensor by tensor through ``MergePlan.produce``: ``W' = W + Σ_s scale_s·B_s A_s`` as one
+float32 matmul per target, cast at the end to the output dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from blockctl import blocks
+from blockctl.adapter import load_adapter, token_key
+from blockctl.base_model import BaseFolder, resolve_base
+from blockctl.errors import InvalidInput, SlotConflict, ValidationFailed
+from blockctl.layout import TOKEN_EMBEDDING_KEY, Layout, Target, layout_of, load_basis, sha256_file
+from blockctl.stream import Entry
+from blockctl.verify import adapter_problems
+from registry.base import Registry
+
+MERGE_FORMAT = "blockctl.merge/1"
+META_KEY = "blockctl.merge"  # safetensors metadata key holding the merge record (JSON)
+FORMATS = ("diffusers", "single-file", "lora")
+LORA_KEYS = ("peft", "kohya")
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}  # fmt: skip
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise InvalidInput(
+            f"unknown dtype {name!r}; choose float32, float16 or bfloat16"
+        ) from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_scales(items: Sequence[str]) -> dict[str, float]:
+    """``["rex=0.8", …]`` → ``{"rex": 0.8}``; one clear error for anything else."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise InvalidInput(f"--scale {item!r} is not NAME=FLOAT")
+        try:
+            number = float(value)
+        except ValueError:
+            raise InvalidInput(f"--scale {item!r}: {value!r} is not a number") from None
+        if not torch.isfinite(torch.tensor(number)):
+            raise InvalidInput(f"--scale {item!r}: the scale must be finite")
+        if name in out:
+            raise InvalidInput(f"--scale given twice for {name!r}")
+        out[name] = number
+    return out
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    out: Path
+    format: str = "diffusers"
+    dtype: str | None = None  # None: every tensor keeps the base's dtype
+    scales: Mapping[str, float] = field(default_factory=dict)
+    lora_keys: str = "peft"
+    force: bool = False
+
+    def check(self) -> None:
+        if self.format not in FORMATS:
+            raise InvalidInput(f"unknown format {self.format!r}; choose one of {list(FORMATS)}")
+        if self.lora_keys not in LORA_KEYS:
+            raise InvalidInput(f"unknown LoRA key style {self.lora_keys!r}; choose {LORA_KEYS}")
+        parse_dtype(self.dtype)
+
+
+@dataclass(frozen=True)
+class Selected:
+    """One merged concept: where its adapter came from and how strongly it goes in."""
+
+    concept: str
+    slot: int
+    tokens: tuple[str, ...]
+    scale: float  # the user's factor; the layout's scale multiplies it
+    sha256: str  # of the adapter file, as the registry records it
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "concept": self.concept,
+            "slot": self.slot,
+            "tokens": list(self.tokens),
+            "scale": self.scale,
+            "sha256": self.sha256,
+        }
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    layout: Layout
+    base: BaseFolder
+    selected: tuple[Selected, ...]  # by slot, so the subset's order never changes the bytes
+    ups: Mapping[str, Mapping[int, torch.Tensor]]  # target name -> slot -> B_s
+    bases: Mapping[int, torch.Tensor]  # width -> O_d
+    token_rows: tuple[tuple[str, torch.Tensor], ...]  # (token, 1×dim float32) by slot
+
+    @property
+    def slot_scales(self) -> dict[int, float]:
+        return {s.slot: self.layout.scale * s.scale for s in self.selected}
+
+    def targets(self, component: str) -> dict[str, Target]:
+        """Weight key (within the component) → target."""
+        return {f"{t.module}.weight": t for t in self.layout.targets if t.component == component}
+
+    def delta(self, target: Target) -> torch.Tensor:
+        """``Σ_s scale_s·B_s A_s`` (out×d, float32) as one matmul."""
+        return blocks.merged_delta(
+            self.ups[target.name], self.bases[target.in_features], self.layout.rank,
+            self.slot_scales,
+        )  # fmt: skip
+
+    def lora_factors(self, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of the merged LoRA: ``A = [A_s; …]`` (|S|r×d) and
+        ``B = [scale_s·B_s | …]`` (out×|S|r), both float32, so ``B @ A`` is the delta."""
+        order = [s.slot for s in self.selected]
+        scales = self.slot_scales
+        down = blocks.stacked_down(self.bases[target.in_features], order, self.layout.rank)
+        up = torch.cat([self.ups[target.name][s].float() * scales[s] for s in order], dim=1)
+        return down, up
+
+    def record(self, output: str, dtype: torch.dtype | None) -> dict[str, object]:
+        """What went in: enough for ``verify --merged`` to recompute the expected weights."""
+        return {
+            "format": MERGE_FORMAT,
+            "output": output,
+            "layout_hash": self.layout.layout_hash,
+            "base_fingerprint": self.layout.base_fingerprint,
+            "rank": self.layout.rank,
+            "layout_scale": self.layout.scale,
+            "dtype": dtype_name(dtype) if dtype is not None else "base",
+            "concepts": [s.to_dict() for s in self.selected],
+        }
+
+    def metadata(self, output: str, dtype: torch.dtype | None) -> dict[str, str]:
+        # "format": "pt" is what transformers/diffusers require of safetensors metadata.
+        return {
+            "format": "pt",
+            META_KEY: json.dumps(self.record(output, dtype), sort_keys=True),
+        }
+
+    # -- streaming one tensor at a time --------------------------------------------------------
+    def out_entry(
+        self, component: str, entry: Entry, dtype: torch.dtype | None, *, tokens: bool = True
+    ) -> Entry:
+        shape = entry.shape
+        if tokens and component == "text_encoder" and entry.key == TOKEN_EMBEDDING_KEY:
+            shape = (shape[0] + len(self.token_rows), *shape[1:])
+        return Entry(entry.key, _cast_dtype(entry.dtype, dtype), shape)
+
+    def produce(
+        self, component: str, key: str, tensor: torch.Tensor, dtype: torch.dtype | None,
+        *, tokens: bool = True,
+    ) -> torch.Tensor:  # fmt: skip
+        out_dtype = _cast_dtype(tensor.dtype, dtype)
+        target = self.targets(component).get(key)
+        if target is not None:
+            return blocks.apply_delta(tensor, self.delta(target)).to(out_dtype)
+        if tokens and component == "text_encoder" and key == TOKEN_EMBEDDING_KEY:
+            rows = [row.to(torch.float32) for _, row in self.token_rows]
+            return torch.cat([tensor.to(torch.float32), *rows], dim=0).to(out_dtype)
+        return tensor.to(out_dtype)
+
+    def changes(self, component: str) -> bool:
+        """Whether any tensor of the component differs from the base (dtype aside)."""
+        return bool(self.targets(component)) or (component == "text_encoder" and bool(self.token_rows))
+
+
+def _cast_dtype(current: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
+    if wanted is None or not current.is_floating_point:
+        return current
+    return wanted
+
+
+def plan_merge(registry: Registry, concepts: Sequence[str], scales: Mapping[str, float]) -> MergePlan:
+    """Check the request and load what the merge needs; nothing is written."""
+    if not concepts:
+        raise InvalidInput("name at least one concept to merge")
+    dupes = sorted({c for c in concepts if list(concepts).count(c) > 1})
+    if dupes:
+        raise InvalidInput(f"concept(s) named more than once: {', '.join(dupes)}")
+    stray = sorted(set(scales) - set(concepts))
+    if stray:
+        raise InvalidInput(f"--scale given for concept(s) not being merged: {', '.join(stray)}")
+    layout = layout_of(registry)
+    published = {rec.concept: rec for rec in registry.adapters()}
+    unknown = [c for c in concepts if c not in published]
+    if unknown:
+        known = ", ".join(sorted(published)) or "none"
+        raise SlotConflict(
+            f"not published in this registry: {', '.join(unknown)} (published: {known})"
+        )
+    records = {r.concept: r for r in registry.slots()}
+    selected: list[Selected] = []
+    adapters = {}
+    for concept in concepts:
+        rec = published[concept]
+        path = registry.adapter_file(concept)
+        if sha256_file(path) != rec.sha256:
+            raise ValidationFailed(
+                f"the stored adapter of {concept!r} no longer matches the registry's sha256 "
+                "(modified or damaged)",
+                hint="publish the adapter again, or run 'blockctl verify'",
+            )
+        adapter = load_adapter(path)
+        problems = adapter_problems(adapter, layout, records.get(concept))
+        if problems:
+            raise ValidationFailed(f"adapter of {concept!r}: " + "; ".join(problems))
+        adapters[concept] = adapter
+        selected.append(
+            Selected(concept, adapter.meta.slot, tuple(adapter.meta.tokens),
+                     float(scales.get(concept, 1.0)), rec.sha256)
+        )  # fmt: skip
+    selected.sort(key=lambda s: s.slot)
+    ups = {
+        t.name: {s.slot: adapters[s.concept].up(t.name).to(torch.float32) for s in selected}
+        for t in layout.targets
+    }
+    rows = tuple(
+        (tok, adapters[s.concept].tensors[token_key(tok)].to(torch.float32))
+        for s in selected
+        for tok in s.tokens
+    )
+    return MergePlan(
+        layout=layout,
+        base=BaseFolder(resolve_base(layout.base)),
+        selected=tuple(selected),
+        ups=ups,
+        bases=load_basis(registry.basis_path(), layout),
+        token_rows=rows,
+    )
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out: Path
+    format: str
+    files: tuple[Path, ...]
+    selected: tuple[Selected, ...]
+    seconds: float
+    bytes: int
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "out": str(self.out),
+            "format": self.format,
+            "files": [str(f) for f in self.files],
+            "concepts": [s.to_dict() for s in self.selected],
+            "slots": [s.slot for s in self.selected],
+            "seconds": round(self.seconds, 4),
+            "bytes": self.bytes,
+            "notes": list(self.notes),
+        }
+
+
+def merge(registry: Registry, concepts: Sequence[str], options: MergeOptions) -> MergeResult:
+    """Merge ``concepts`` into ``options.out``, atomically."""
+    from blockctl.formats import staged, writer_for
+
+    start = time.perf_counter()
+    options.check()
+    plan = plan_merge(registry, concepts, options.scales)
+    writer = writer_for(options.format)
+    outputs = writer.outputs(options.out, plan)
+    with staged(outputs, force=options.force) as temps:
+        notes = writer.write(plan, temps, options)
+    size = sum(_size(p) for p in outputs)
+    return MergeResult(
+        out=options.out, format=options.format, files=tuple(outputs), selected=plan.selected,
+        seconds=time.perf_counter() - start, bytes=size, notes=tuple(notes),
+    )  # fmt: skip
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size

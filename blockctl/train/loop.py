@@ -1,0 +1,231 @@
+"""The training loop: per-step randomness from ``(seed, step)``, accelerate for devices and
+gradient accumulation, checkpoints, and a clean stop on Ctrl-C or a non-finite loss.
+
+Every random draw of a step (photos, flips, VAE posterior noise, diffusion noise, timesteps,
+the erasure decision and prompts) comes from generators seeded by ``(seed, step, micro-batch,
+process)``, and the learning rate is a pure function of the step. Resuming from a checkpoint
+therefore continues exactly where an uninterrupted run would be.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from blockctl.errors import BlockctlError
+from blockctl.train import checkpoint, roe
+from blockctl.train.components import Components, StepModel
+from blockctl.train.config import TrainConfig, lr_factor
+from blockctl.train.data import LatentBank
+from blockctl.train.slot_adapter import ConceptAdapter
+
+
+class TrainingInterrupted(BlockctlError):
+    """Ctrl-C: a checkpoint was saved; the run can be resumed."""
+
+    exit_code = 130
+
+
+class TrainingDiverged(BlockctlError):
+    exit_code = 1
+
+
+@dataclass
+class StopFlag:
+    requested: bool = False
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    roe_steps: int = 0
+
+
+@dataclass(frozen=True)
+class LoopInputs:
+    config: TrainConfig
+    components: Components
+    adapter: ConceptAdapter
+    bank: LatentBank
+    caption_ids: torch.Tensor  # (N, L) token ids of each photo's caption
+    pool: roe.ErasurePool
+    out_dir: Path
+    run_meta: dict[str, Any]  # identity of the run, stored in every checkpoint
+    resume_hint: str
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int, stream: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{step}:{micro}:{rank}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(  # type: ignore[no-any-return]
+        prompts, padding="max_length", max_length=tokenizer.model_max_length,
+        truncation=True, return_tensors="pt",
+    ).input_ids  # fmt: skip
+
+
+def build_optimizer(config: TrainConfig, adapter: ConceptAdapter) -> torch.optim.AdamW:
+    groups = [
+        {"params": adapter.slot_parameters(), "lr": config.lr, "weight_decay": config.weight_decay},
+        {"params": adapter.embedding_parameters(), "lr": config.embedding_lr, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+@contextmanager
+def ctrl_c_stops(flag: StopFlag) -> Iterator[None]:
+    """First Ctrl-C asks the loop to stop after the current step (and checkpoint); a second
+    one aborts at once. Only the main thread may install signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def micro_batch(
+    inputs: LoopInputs, step: int, micro: int, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """noisy latents, timesteps, caption ids, diffusion target, erasure prompt ids (or None)."""
+    cfg, comps = inputs.config, inputs.components
+    gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, micro, rank, "data"))
+    n, b = inputs.caption_ids.shape[0], cfg.batch_size
+    index = torch.randint(n, (b,), generator=gen)
+    flip = torch.rand(b, generator=gen) < 0.5 if cfg.flip else torch.zeros(b, dtype=torch.bool)
+    latents = inputs.bank.sample(index, flip, torch.randn(b, *inputs.bank.mean.shape[2:], generator=gen))
+    noise = torch.randn(latents.shape, generator=gen)
+    sched = comps.noise_scheduler
+    timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen)
+    noisy = sched.add_noise(latents, noise, timesteps)
+    if sched.config.prediction_type == "v_prediction":
+        target = sched.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    roe_ids = None
+    if cfg.roe_active:
+        rng = random.Random(step_seed(cfg.seed, step, micro, rank, "roe"))
+        if roe.draw(rng, cfg.roe_prob):
+            roe_ids = tokenize(comps.tokenizer, inputs.pool.sample(rng, b))
+    return noisy, timesteps, inputs.caption_ids[index], target, roe_ids
+
+
+def run(
+    inputs: LoopInputs,
+    accelerator: Any,
+    model: StepModel,
+    optimizer: Any,
+    state: LoopState,
+    progress: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, StopFlag], None] | None = None,
+) -> LoopState:
+    """Train from ``state.step`` to ``config.steps``; raises TrainingInterrupted on Ctrl-C."""
+    cfg = inputs.config
+    params = inputs.adapter.slot_parameters() + inputs.adapter.embedding_parameters()
+    base_lrs = [cfg.lr, cfg.embedding_lr]
+    rank, device = accelerator.process_index, accelerator.device
+    flag = StopFlag()
+    saved_at = state.step
+    with ctrl_c_stops(flag):
+        while state.step < cfg.steps:
+            factor = lr_factor(cfg, state.step)
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base * factor
+            total, erased = 0.0, False
+            for micro in range(cfg.grad_accum):
+                noisy, t, ids, target, roe_ids = micro_batch(inputs, state.step, micro, rank)
+                with accelerator.accumulate(model):
+                    pred, student, teacher = model(
+                        noisy.to(device), t.to(device), ids.to(device),
+                        None if roe_ids is None else roe_ids.to(device),
+                    )  # fmt: skip
+                    loss = F.mse_loss(pred.float(), target.to(device).float())
+                    if student is not None and teacher is not None:
+                        loss = loss + cfg.roe_weight * roe.erasure_loss(student, teacher)
+                        erased = True
+                    if not bool(torch.isfinite(loss)):
+                        raise TrainingDiverged(
+                            f"loss became {float(loss)} at step {state.step + 1}; training stopped",
+                            hint="lower --lr / --embedding-lr, or resume from the last checkpoint",
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                total += float(loss.detach()) / cfg.grad_accum
+            state.step += 1
+            state.losses.append(total)
+            state.roe_steps += int(erased)
+            if progress is not None:
+                progress(state.step, total)
+            if on_step is not None:
+                on_step(state.step, flag)
+            stop = _agree(accelerator, flag.requested)
+            if stop or (state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps):
+                save_checkpoint(inputs, accelerator, optimizer, state)
+                saved_at = state.step
+            if stop:
+                where = checkpoint.checkpoint_dir(inputs.out_dir)
+                raise TrainingInterrupted(
+                    f"interrupted at step {saved_at}/{cfg.steps}; checkpoint saved in {where}",
+                    hint=f"resume with: {inputs.resume_hint}",
+                )
+    return state
+
+
+def _agree(accelerator: Any, requested: bool) -> bool:
+    """All processes stop at the same step, or DDP would wait forever on the others."""
+    if accelerator.num_processes == 1:
+        return requested
+    flag = torch.tensor([1.0 if requested else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def save_checkpoint(
+    inputs: LoopInputs, accelerator: Any, optimizer: Any, state: LoopState
+) -> Path | None:
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    meta = {
+        **inputs.run_meta,
+        "config": inputs.config.to_dict(),
+        "losses": state.losses,
+        "roe_steps": state.roe_steps,
+    }
+    return checkpoint.save(
+        inputs.out_dir, state.step, inputs.adapter.state_tensors(), optimizer.state_dict(), meta
+    )
+
+
+def restore(ckpt: checkpoint.Checkpoint, adapter: ConceptAdapter, optimizer: Any) -> LoopState:
+    adapter.load_state_tensors(ckpt.adapter_tensors())
+    if ckpt.optimizer_state()["state"]:
+        optimizer.load_state_dict(ckpt.optimizer_state())
+    return LoopState(
+        step=ckpt.step,
+        losses=[float(x) for x in ckpt.meta.get("losses", [])],
+        roe_steps=int(ckpt.meta.get("roe_steps", 0)),
+    )

@@ -1,0 +1,249 @@
+"""``train``: everything from a reserved slot and a folder of photos to a published adapter."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blockctl import __version__
+from blockctl.adapter import AdapterMeta, write_adapter
+from blockctl.base_model import BaseFolder, resolve_base
+from blockctl.errors import InvalidInput, SlotConflict, ValidationFailed
+from blockctl.layout import Layout, fingerprint, layout_of, load_basis, sha256_file
+from blockctl.train import checkpoint, loop, roe
+from blockctl.train.components import StepModel, load_components
+from blockctl.train.config import RESUMABLE_OVERRIDES, TrainConfig
+from blockctl.train.data import default_caption, encode_photos, load_photos
+from blockctl.train.slot_adapter import attach, freeze
+from blockctl.verify import check_for_publish
+from registry.base import PUBLISHED, RESERVED, Registry, SlotRecord
+
+Say = Callable[[str], None]
+FINAL_LOSS_WINDOW = 20
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    photos: Path
+    concept: str
+    out_dir: Path
+    overrides: dict[str, Any] = field(default_factory=dict)  # settings given explicitly
+    resume: bool = False
+    publish: bool = True
+    owner: str | None = None
+    base: str | None = None
+    sample: bool = True
+    resume_hint: str = ""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter: Path
+    sha256: str
+    steps: int
+    seconds: float
+    final_loss: float
+    published: bool
+    resumed_from: int | None
+    grid: Path | None
+    photos: int
+    skipped: tuple[str, ...]
+    config: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": str(self.adapter), "sha256": self.sha256, "steps": self.steps,
+            "seconds": round(self.seconds, 3), "final_loss": self.final_loss,
+            "published": self.published, "resumed_from": self.resumed_from,
+            "grid": None if self.grid is None else str(self.grid), "photos": self.photos,
+            "skipped": list(self.skipped), "settings": self.config.to_dict(),
+        }  # fmt: skip
+
+
+def check_slot(registry: Registry, concept: str, owner: str | None) -> SlotRecord:
+    record = registry.slot_for(concept)
+    if record.status not in (RESERVED, PUBLISHED):
+        raise SlotConflict(
+            f"concept {concept!r} was released (slot {record.slot} is no longer usable)",
+            hint=f"blockctl reserve-slot {concept} --class-word {record.class_word}",
+        )
+    if owner is not None and record.owner != owner:
+        raise SlotConflict(
+            f"slot {record.slot} of {concept!r} is reserved by {record.owner!r}, not {owner!r}"
+        )
+    return record
+
+
+def check_base(layout: Layout, spec: str | None) -> Path:
+    base_dir = resolve_base(spec or layout.base)
+    if fingerprint(BaseFolder(base_dir), layout.targets) != layout.base_fingerprint:
+        raise ValidationFailed(
+            f"base {spec or layout.base!r} is not the model this registry was made for "
+            "(fingerprint differs)",
+            hint="pass the registry's base with --base",
+        )
+    return base_dir
+
+
+def resolve_config(
+    request: TrainRequest, ckpt: checkpoint.Checkpoint | None, say: Say
+) -> TrainConfig:
+    if ckpt is None:
+        return TrainConfig().with_overrides(request.overrides)
+    stored = TrainConfig.from_dict(ckpt.meta["config"])
+    changed = sorted(
+        k for k, v in request.overrides.items()
+        if k not in RESUMABLE_OVERRIDES and getattr(stored, k) != v
+    )  # fmt: skip
+    if changed:
+        say(
+            f"warning: {', '.join(changed)} differ from the checkpoint's settings; the resumed "
+            "run will not match an uninterrupted one"
+        )
+    return stored.with_overrides(request.overrides)
+
+
+def train(
+    registry: Registry,
+    request: TrainRequest,
+    *,
+    say: Say = print,
+    progress: Callable[[int, int, float], None] | None = None,
+    on_step: Callable[[int, loop.StopFlag], None] | None = None,
+) -> TrainResult:
+    from accelerate import Accelerator
+
+    started = time.monotonic()
+    TrainConfig().with_overrides(request.overrides)  # bad numbers fail before any loading
+    layout = layout_of(registry)
+    record = check_slot(registry, request.concept, request.owner)
+    base_dir = check_base(layout, request.base)
+    ckpt = _checkpoint_for(request, record, layout, say)
+    config = resolve_config(request, ckpt, say)
+
+    comps = load_components(base_dir)
+    photos = load_photos(
+        request.photos, comps.resolution, record.token, record.class_word, warn=say
+    )
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+        cpu=not torch.cuda.is_available(),
+    )  # fmt: skip
+    device = accelerator.device
+    freeze(comps.unet, comps.text_encoder, comps.vae)
+    comps.vae.to(device)
+    bank = encode_photos(comps.vae, photos.pixels, comps.scaling_factor)
+    bases = load_basis(registry.basis_path(), layout)
+    adapter = attach(
+        comps.modules(), layout, bases, record.slot, comps.tokenizer, record.token,
+        record.class_word,
+    )  # fmt: skip
+    comps.unet.to(device)
+    comps.text_encoder.to(device)
+    comps.unet.train()
+    comps.text_encoder.train()
+    others = [x for r in registry.slots() if r.concept != record.concept for x in (r.token, r.concept)]
+    pool = roe.build_pool(comps.tokenizer, record.token, record.class_word, record.concept, others)
+    caption_ids = loop.tokenize(comps.tokenizer, [p.caption for p in photos.photos])
+
+    model = StepModel(comps.unet, comps.text_encoder, adapter)
+    optimizer = loop.build_optimizer(config, adapter)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = loop.LoopState()
+    if ckpt is not None:
+        state = loop.restore(ckpt, adapter, optimizer)
+        say(f"resuming from step {state.step} ({ckpt.path})")
+    resumed_from = state.step if ckpt is not None else None
+    inputs = loop.LoopInputs(
+        config=config, components=comps, adapter=adapter, bank=bank, caption_ids=caption_ids,
+        pool=pool, out_dir=request.out_dir, run_meta=_run_meta(record, layout),
+        resume_hint=request.resume_hint,
+    )  # fmt: skip
+    report = None
+    if progress is not None and accelerator.is_main_process:
+        report = lambda s, loss: progress(s, config.steps, loss)  # noqa: E731
+    loop.run(inputs, accelerator, model, optimizer, state, report, on_step)
+    accelerator.wait_for_everyone()
+
+    window = state.losses[-FINAL_LOSS_WINDOW:]
+    final_loss = sum(window) / len(window) if window else float("nan")
+    adapter_path = request.out_dir / f"{record.concept}.safetensors"
+    published, grid, sha = False, None, ""
+    if accelerator.is_main_process:
+        meta = AdapterMeta(
+            concept=record.concept, slot=record.slot, tokens=(record.token,),
+            class_word=record.class_word, rank=layout.rank, scale=layout.scale,
+            layout_hash=layout.layout_hash, base_fingerprint=layout.base_fingerprint,
+            training=_training_meta(config, len(photos), state, final_loss),
+        )  # fmt: skip
+        write_adapter(adapter_path, adapter.state_tensors(), meta)
+        check_for_publish(adapter_path, layout, registry)
+        sha = sha256_file(adapter_path)
+        if request.publish:
+            registry.publish(record.concept, adapter_path, sha)
+            published = True
+        if request.sample:
+            grid = _grid(comps, adapter, record, adapter_path, config.seed, say)
+    return TrainResult(
+        adapter=adapter_path, sha256=sha, steps=state.step, seconds=time.monotonic() - started,
+        final_loss=final_loss, published=published, resumed_from=resumed_from, grid=grid,
+        photos=len(photos), skipped=tuple(name for name, _ in photos.skipped), config=config,
+    )  # fmt: skip
+
+
+def _checkpoint_for(
+    request: TrainRequest, record: SlotRecord, layout: Layout, say: Say
+) -> checkpoint.Checkpoint | None:
+    found = checkpoint.latest(request.out_dir)
+    if not request.resume:
+        if found is not None:
+            say(f"note: starting afresh; existing checkpoints in {request.out_dir} are replaced "
+                "(pass --resume to continue them)")  # fmt: skip
+            checkpoint.clear(request.out_dir)
+        return None
+    if found is None:
+        say(f"note: no checkpoint in {request.out_dir}; starting from step 0")
+        return None
+    expected = _run_meta(record, layout)
+    for key, value in expected.items():
+        if found.meta.get(key) != value:
+            raise InvalidInput(
+                f"the checkpoint in {request.out_dir} belongs to another run ({key} differs)",
+                hint="use another --out folder, or train without --resume",
+            )
+    return found
+
+
+def _run_meta(record: SlotRecord, layout: Layout) -> dict[str, Any]:
+    return {
+        "concept": record.concept, "slot": record.slot, "token": record.token,
+        "layout_hash": layout.layout_hash, "base_fingerprint": layout.base_fingerprint,
+    }  # fmt: skip
+
+
+def _training_meta(
+    config: TrainConfig, photos: int, state: loop.LoopState, final_loss: float
+) -> dict[str, Any]:
+    return {
+        "trainer": f"blockctl {__version__}", **config.to_dict(), "photos": photos,
+        "roe_steps": state.roe_steps, "final_loss": final_loss,
+    }  # fmt: skip
+
+
+def _grid(comps: Any, adapter: Any, record: SlotRecord, adapter_path: Path, seed: int,
+          say: Say) -> Path | None:  # fmt: skip
+    from blockctl.train.preview import sample_grid
+
+    prompts = (default_caption(record.token, record.class_word), f"a photo of a {record.class_word}")
+    path = adapter_path.with_name(f"{record.concept}-samples.png")
+    comps.unet.eval()
+    try:
+        return sample_grid(comps, adapter, prompts, path, seed=seed)
+    except Exception as exc:  # a preview must never cost the user a finished adapter
+        say(f"warning: could not render the sample grid: {type(exc).__name__}: {exc}")
+        return None

@@ -1,0 +1,60 @@
+"""Identity metrics on the tiny base: exact cases that must hold to rounding."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from blockctl.evaluate import EvalConfig, concept_metrics, evaluate, ratio
+from blockctl.layout import sha256_file
+from registry import Registry
+
+CONFIG = EvalConfig(samples=2, seed=0)
+
+
+def publish(reg: Registry, path: Path, concept: str) -> None:
+    reg.publish(concept, path, sha256_file(path))
+
+
+def test_single_concept_merge_keeps_all_of_it(tiny_registry: Registry, adapter_factory) -> None:  # type: ignore[no-untyped-def]
+    publish(tiny_registry, adapter_factory(tiny_registry, "rex", magnitude=0.5), "rex")
+    (m,) = evaluate(tiny_registry, ["rex"], None, CONFIG)
+    assert m.delta_sq > 0
+    assert m.retention == pytest.approx(1.0, abs=1e-5)
+    assert m.crosstalk == pytest.approx(0.0, abs=1e-6)
+    assert m.fidelity == pytest.approx(1.0, abs=1e-5)
+    assert m.prior_interference == pytest.approx(m.prior_drift, rel=1e-5)
+
+
+def test_adapter_that_changes_no_weight_leaves_the_prior_alone(tiny_registry: Registry, adapter_factory) -> None:  # type: ignore[no-untyped-def]
+    publish(tiny_registry, adapter_factory(tiny_registry, "idle", magnitude=0.0), "idle")
+    (m,) = evaluate(tiny_registry, ["idle"], None, CONFIG)
+    assert m.prior_interference == 0.0 and m.prior_drift == 0.0
+    assert m.delta_sq > 0  # its token still means something
+
+
+def test_several_concepts_give_finite_metrics(tiny_registry: Registry, adapter_factory) -> None:  # type: ignore[no-untyped-def]
+    for i, name in enumerate(["a1", "b2", "c3"]):
+        publish(tiny_registry, adapter_factory(tiny_registry, name, seed=i, magnitude=0.5), name)
+    rows = evaluate(tiny_registry, ["a1", "b2", "c3"], None, CONFIG)
+    assert [r.concept for r in rows] == ["a1", "b2", "c3"]
+    for r in rows:
+        assert all(math.isfinite(v) for v in (r.retention, r.crosstalk, r.fidelity))
+        assert r.crosstalk >= 0 and r.prior_interference >= 0
+
+
+def test_metric_definitions_on_known_vectors() -> None:
+    e_b = torch.zeros(4)
+    e_s = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    e_m = torch.tensor([0.5, 1.0, 0.0, 0.0])  # half the concept, plus an orthogonal push
+    p = torch.zeros(4)
+    m = concept_metrics("x", 0, e_b, e_s, e_m, p, p, p + 0.5)
+    assert m.retention == pytest.approx(0.5)
+    assert m.crosstalk == pytest.approx(1.0)
+    assert m.fidelity == pytest.approx(1 - 1.25)
+    assert m.prior_interference == pytest.approx(1.0)
+    assert m.prior_drift == 0.0
+    assert ratio(0.0, 0.0) == 0.0 and ratio(1.0, 0.0) == math.inf
