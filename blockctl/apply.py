@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +57,7 @@ def applied(plan: MergePlan, modules: Modules) -> Iterator[Modules]:
     """``modules`` with the plan's concepts added (and a tokenizer that knows their tokens);
     the targets' weights and the embedding are exactly restored on exit."""
     saved: list[tuple[nn.Linear, torch.Tensor]] = []
-    embedding = modules.text_encoder.get_input_embeddings()
+    embedding: Any = modules.text_encoder.get_input_embeddings()  # type: ignore[operator]
     old_embedding = embedding.weight.data
     tokenizer = copy.deepcopy(modules.tokenizer)
     try:

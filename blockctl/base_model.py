@@ -20,7 +20,11 @@ from blockctl.errors import InvalidInput, ValidationFailed
 
 TOY = "toy"
 # File stem of each component's weights in a diffusers folder.
-_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+_STEMS = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "tokenizer/*", "scheduler/*"]
 

@@ -77,7 +77,9 @@ def stacked_down(basis: torch.Tensor, slots: Sequence[int], rank: int) -> torch.
 def delta(up: torch.Tensor, down: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """``ΔW = scale · B A`` with ``B`` (out×r) and ``A`` (r×d)."""
     if up.ndim != 2 or down.ndim != 2:
-        raise LayoutError(f"B and A must be matrices, got {tuple(up.shape)} and {tuple(down.shape)}")
+        raise LayoutError(
+            f"B and A must be matrices, got {tuple(up.shape)} and {tuple(down.shape)}"
+        )
     if up.shape[1] != down.shape[0]:
         raise LayoutError(
             f"B is {tuple(up.shape)} but A is {tuple(down.shape)}: inner ranks differ"

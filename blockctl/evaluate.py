@@ -9,9 +9,10 @@ its prompts with its own tokenizer: the base splits ``<rex>`` into characters, a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,10 +64,10 @@ class Probe:
         from diffusers import DDPMScheduler
 
         self.scheduler = DDPMScheduler.from_pretrained(scheduler_dir)
-        unet_cfg = modules.unet.config  # type: ignore[attr-defined]
-        size = unet_cfg.sample_size
+        unet_cfg: Any = modules.unet.config
+        size = int(unet_cfg.sample_size)
         gen = torch.Generator().manual_seed(config.seed)
-        shape = (config.samples, unet_cfg.in_channels, size, size)
+        shape = (config.samples, int(unet_cfg.in_channels), size, size)
         latents = torch.randn(shape, generator=gen)
         noise = torch.randn(shape, generator=gen)
         self.t = torch.randint(config.t_min, config.t_max, (config.samples,), generator=gen)
@@ -134,13 +135,10 @@ def evaluate(
         return [t.format(cls=records[c].class_word) for t in PRIOR_TEMPLATES]
 
     if merged is not None:
-        merged_modules = Modules.load(merged)
-        m_preds = {c: (probe.predict(merged_modules, own(c)), probe.predict(merged_modules, prior(c)))
-                   for c in concepts}  # fmt: skip
-        del merged_modules
+        m_preds = _predictions(probe, Modules.load(merged), concepts, own, prior)
     else:
         with applied(full_plan, base) as mod:
-            m_preds = {c: (probe.predict(mod, own(c)), probe.predict(mod, prior(c))) for c in concepts}
+            m_preds = _predictions(probe, mod, concepts, own, prior)
     results = []
     for c in concepts:
         e_b, p_b = probe.predict(base, own(c)), probe.predict(base, prior(c))
@@ -149,3 +147,13 @@ def evaluate(
         e_m, p_m = m_preds[c]
         results.append(concept_metrics(c, records[c].slot, e_b, e_s, e_m, p_b, p_s, p_m))
     return results
+
+
+def _predictions(
+    probe: Probe,
+    modules: Modules,
+    concepts: Sequence[str],
+    own: Callable[[str], list[str]],
+    prior: Callable[[str], list[str]],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {c: (probe.predict(modules, own(c)), probe.predict(modules, prior(c))) for c in concepts}

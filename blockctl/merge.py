@@ -20,7 +20,15 @@ from blockctl import blocks
 from blockctl.adapter import load_adapter, token_key
 from blockctl.base_model import BaseFolder, resolve_base
 from blockctl.errors import InvalidInput, SlotConflict, ValidationFailed
-from blockctl.layout import TOKEN_EMBEDDING_KEY, Layout, Target, layout_of, load_basis, sha256_file
+from blockctl.layout import (
+    TOKEN_EMBEDDING_KEY,
+    Layout,
+    Target,
+    canonical_module,
+    layout_of,
+    load_basis,
+    sha256_file,
+)
 from blockctl.stream import Entry
 from blockctl.verify import adapter_problems
 from registry.base import Registry
@@ -121,8 +129,14 @@ class MergePlan:
         return {s.slot: self.layout.scale * s.scale for s in self.selected}
 
     def targets(self, component: str) -> dict[str, Target]:
-        """Weight key (within the component) → target."""
+        """Canonical weight key (within the component) → target."""
         return {f"{t.module}.weight": t for t in self.layout.targets if t.component == component}
+
+    def token_rows_for(self, component: str, key: str) -> int:
+        """How many concept-token rows are appended to this tensor (0 for all but one)."""
+        if component == "text_encoder" and canonical_module(key) == TOKEN_EMBEDDING_KEY:
+            return len(self.token_rows)
+        return 0
 
     def delta(self, target: Target) -> torch.Tensor:
         """``Σ_s scale_s·B_s A_s`` (out×d, float32) as one matmul."""
@@ -165,8 +179,8 @@ class MergePlan:
         self, component: str, entry: Entry, dtype: torch.dtype | None, *, tokens: bool = True
     ) -> Entry:
         shape = entry.shape
-        if tokens and component == "text_encoder" and entry.key == TOKEN_EMBEDDING_KEY:
-            shape = (shape[0] + len(self.token_rows), *shape[1:])
+        if tokens:
+            shape = (shape[0] + self.token_rows_for(component, entry.key), *shape[1:])
         return Entry(entry.key, _cast_dtype(entry.dtype, dtype), shape)
 
     def produce(
@@ -174,17 +188,19 @@ class MergePlan:
         *, tokens: bool = True,
     ) -> torch.Tensor:  # fmt: skip
         out_dtype = _cast_dtype(tensor.dtype, dtype)
-        target = self.targets(component).get(key)
+        # Bases saved by transformers 4 store text encoder keys under ``text_model.``.
+        target = self.targets(component).get(canonical_module(key))
         if target is not None:
             return blocks.apply_delta(tensor, self.delta(target)).to(out_dtype)
-        if tokens and component == "text_encoder" and key == TOKEN_EMBEDDING_KEY:
+        if tokens and self.token_rows_for(component, key):
             rows = [row.to(torch.float32) for _, row in self.token_rows]
             return torch.cat([tensor.to(torch.float32), *rows], dim=0).to(out_dtype)
         return tensor.to(out_dtype)
 
     def changes(self, component: str) -> bool:
         """Whether any tensor of the component differs from the base (dtype aside)."""
-        return bool(self.targets(component)) or (component == "text_encoder" and bool(self.token_rows))
+        has_rows = component == "text_encoder" and bool(self.token_rows)
+        return bool(self.targets(component)) or has_rows
 
 
 def _cast_dtype(current: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:

@@ -32,9 +32,13 @@ def adapter_problems(adapter: Adapter, layout: Layout, record: SlotRecord | None
         problems.append(f"no slot is reserved for concept {meta.concept!r}")
     else:
         if record.slot != meta.slot:
-            problems.append(f"claims slot {meta.slot} but {meta.concept!r} holds slot {record.slot}")
+            problems.append(
+                f"claims slot {meta.slot} but {meta.concept!r} holds slot {record.slot}"
+            )
         if tuple(meta.tokens) != (record.token,):
-            problems.append(f"tokens {list(meta.tokens)} but the reserved token is {record.token!r}")
+            problems.append(
+                f"tokens {list(meta.tokens)} but the reserved token is {record.token!r}"
+            )
     if not 0 <= meta.slot < layout.slots:
         problems.append(f"slot {meta.slot} is outside 0..{layout.slots - 1}")
     expected = {up_key(t.name): (t.out_features, layout.rank) for t in layout.targets}
@@ -99,10 +103,15 @@ class RegistryReport:
             "problems": list(self.problems),
             "max_cross_product": self.max_cross_product,
             "adapters": [
-                {"concept": a.concept, "slot": a.slot, "sha256": a.sha256, "ok": a.ok,
-                 "problems": list(a.problems)}
+                {
+                    "concept": a.concept,
+                    "slot": a.slot,
+                    "sha256": a.sha256,
+                    "ok": a.ok,
+                    "problems": list(a.problems),
+                }
                 for a in self.adapters
-            ],  # fmt: skip
+            ],
         }
 
 

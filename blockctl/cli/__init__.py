@@ -10,8 +10,8 @@ import os
 import sys
 from typing import Any
 
-import click
 import typer
+from typer._click import Context as _ClickContext  # typer >= 0.29 vendors click
 from typer.core import TyperGroup
 
 from blockctl import __version__
@@ -26,10 +26,10 @@ def _debug() -> bool:
 class _ErrorMappingGroup(TyperGroup):
     """Maps library errors to exit codes once, for every command."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: _ClickContext) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except BlockctlError as exc:
             if _debug():
@@ -97,9 +97,9 @@ def _register_commands() -> None:
 
     for module in (adapters, slots, train, evaluate, merge):
         module.register(app)
-    try:
-        from blockctl.cli import toy
-    except ImportError:  # pragma: no cover - toy commands are optional during development
+    try:  # TODO(lead): drop the guard once blockctl/cli/toy.py lands
+        from blockctl.cli import toy  # type: ignore[attr-defined]
+    except ImportError:
         return
     toy.register(app)
 

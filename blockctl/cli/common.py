@@ -12,6 +12,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from registry.base import Registry
+
 console = Console()
 # Errors stay on one line whatever the terminal width, so they can be grepped and parsed.
 err_console = Console(stderr=True, soft_wrap=True)
@@ -38,7 +40,7 @@ def settings(ctx: typer.Context) -> Settings:
     return Settings(registry=os.environ.get(REGISTRY_ENV) or default_registry())
 
 
-def open_registry(ctx: typer.Context):  # type: ignore[no-untyped-def]
+def open_registry(ctx: typer.Context) -> Registry:
     from registry import open_registry as _open
 
     return _open(settings(ctx).registry)

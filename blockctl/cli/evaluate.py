@@ -13,7 +13,9 @@ from blockctl.evaluate import EvalConfig, evaluate
 
 def eval_command(
     ctx: typer.Context,
-    concepts: list[str] = typer.Argument(..., help="Concepts to measure (published in the registry)."),
+    concepts: list[str] = typer.Argument(
+        ..., help="Concepts to measure (published in the registry)."
+    ),
     merged: Path = typer.Option(
         None, "--merged", help="Merged diffusers folder; default: merge exactly CONCEPTS in memory."
     ),
@@ -33,8 +35,19 @@ def eval_command(
     if json_out:
         emit_json([r.to_dict() for r in rows])
         return
-    table = Table(title=f"identity metrics ({'merged: ' + str(merged) if merged else 'in-memory merge'})")
-    cols = ("concept", "slot", "retention", "crosstalk", "fidelity", "prior interf.", "prior drift", "‖δ‖²")
+    table = Table(
+        title=f"identity metrics ({'merged: ' + str(merged) if merged else 'in-memory merge'})"
+    )
+    cols = (
+        "concept",
+        "slot",
+        "retention",
+        "crosstalk",
+        "fidelity",
+        "prior interf.",
+        "prior drift",
+        "‖δ‖²",
+    )
     for col in cols:
         table.add_column(col, justify="left" if col == "concept" else "right")
     for r in rows:

@@ -28,7 +28,9 @@ def init(
     base: str = typer.Option(
         TOY, "--base", help="Base model: 'toy' (embedded), a diffusers folder, or a Hub id."
     ),
-    slots: int = typer.Option(16, "--slots", "-n", help="Number of slots N (N·rank ≤ narrowest target)."),
+    slots: int = typer.Option(
+        16, "--slots", "-n", help="Number of slots N (N·rank ≤ narrowest target)."
+    ),
     rank: int = typer.Option(4, "--rank", help="Rank r of one slot."),
     targets: str = typer.Option(
         DEFAULT_PRESET,
@@ -78,8 +80,12 @@ def reserve_slot(
     concept: str = typer.Argument(..., help="Concept name (letters, digits, _ . -)."),
     token: str = typer.Option(None, "--token", help="Trigger token; default <CONCEPT>."),
     class_word: str = typer.Option(..., "--class-word", help="Prior class, e.g. dog."),
-    owner: str = typer.Option(None, "--owner", help=f"Who holds the slot; default ${OWNER_ENV} or your user."),
-    slot: int = typer.Option(None, "--slot", help="Ask for this slot instead of the lowest free one."),
+    owner: str = typer.Option(
+        None, "--owner", help=f"Who holds the slot; default ${OWNER_ENV} or your user."
+    ),
+    slot: int = typer.Option(
+        None, "--slot", help="Ask for this slot instead of the lowest free one."
+    ),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Reserve a slot (and a unique trigger token) for a concept."""
@@ -118,7 +124,9 @@ def release_slot(
             highlight=False,
         )
     else:
-        console.print(f"Released [bold]{concept}[/]; slot {record.slot} is free again.", highlight=False)
+        console.print(
+            f"Released [bold]{concept}[/]; slot {record.slot} is free again.", highlight=False
+        )
 
 
 def list_slots(ctx: typer.Context, json_out: bool = JSON_OPTION) -> None:

@@ -86,7 +86,7 @@ def _write_weights(
 def _write_text_config(plan: MergePlan, src: Path, dst: Path, dtype: torch.dtype | None) -> None:
     config = json.loads(src.read_text())
     if plan.token_rows:
-        rows = plan.base.tensors("text_encoder")[TOKEN_EMBEDDING_KEY].shape[0]
+        rows = plan.base.info("text_encoder", TOKEN_EMBEDDING_KEY).shape[0]
         config["vocab_size"] = rows + len(plan.token_rows)
     if dtype is not None:
         for key in ("dtype", "torch_dtype"):
@@ -99,7 +99,7 @@ def _write_tokenizer(plan: MergePlan, src: Path, dst: Path) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
-    rows = plan.base.tensors("text_encoder")[TOKEN_EMBEDDING_KEY].shape[0]
+    rows = plan.base.info("text_encoder", TOKEN_EMBEDDING_KEY).shape[0]
     if len(tokenizer) != rows:
         raise InvalidInput(
             f"the base's tokenizer has {len(tokenizer)} tokens but its text encoder has {rows} "

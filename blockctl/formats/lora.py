@@ -19,7 +19,7 @@ import torch
 from blockctl.formats import pause_mid_write
 from blockctl.formats.single_file import sidecar_path, write_token_sidecar
 from blockctl.merge import parse_dtype
-from blockctl.stream import Entry, StreamWriter, CODE_DTYPES
+from blockctl.stream import CODE_DTYPES, Entry, StreamWriter
 
 if TYPE_CHECKING:
     from blockctl.layout import Target
@@ -70,11 +70,11 @@ def adapter_metadata(plan: MergePlan) -> dict[str, object]:
 
 def write_lora(plan: MergePlan, out: Path, dtype: torch.dtype | None, keys: str) -> None:
     targets = sorted(plan.layout.targets, key=lambda t: t.name)
-    infos = {c: plan.base.tensors(c) for c in {t.component for t in targets}}
     rank = _rank(plan)
     entries: list[Entry] = []
     for t in targets:
-        base_dtype = CODE_DTYPES.get(infos[t.component][f"{t.module}.weight"].dtype, torch.float32)
+        stored = plan.base.info(t.component, f"{t.module}.weight").dtype
+        base_dtype = CODE_DTYPES.get(stored, torch.float32)
         wdtype = dtype or base_dtype
         down_shape, up_shape = (rank, t.in_features), (t.out_features, rank)
         if keys == "kohya":

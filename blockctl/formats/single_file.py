@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from blockctl.errors import InvalidInput
 from blockctl.formats import pause_mid_write
+from blockctl.layout import canonical_module
 from blockctl.merge import parse_dtype
 from blockctl.stream import Entry, StreamWriter, read_entries
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer."
+TEXT_PREFIX = "cond_stage_model.transformer."  # then text_model.*, as transformers 4 named it
 COMPONENTS = ("unet", "vae", "text_encoder")
 
 _UNET_FIXED = {
@@ -123,7 +124,7 @@ def is_vae_attention_weight(ldm_key: str, shape: tuple[int, ...]) -> bool:
 def key_mapper(base: BaseFolder, component: str) -> Callable[[str], str]:
     """diffusers key → full original-layout key, for one component of ``base``."""
     if component == "text_encoder":
-        return lambda key: TEXT_PREFIX + key
+        return lambda key: TEXT_PREFIX + "text_model." + canonical_module(key)
     config = json.loads((base.component_dir(component) / "config.json").read_text())
     if component == "unet":
         return lambda key: UNET_PREFIX + unet_key(key, config)
@@ -180,7 +181,7 @@ def write_token_sidecar(plan: MergePlan, out: Path, dtype: torch.dtype | None, f
     ``pipe.load_textual_inversion(list(rows.values()), token=list(rows))``."""
     from blockctl.layout import TOKEN_EMBEDDING_KEY
 
-    base_dtype = plan.base.tensors("text_encoder")[TOKEN_EMBEDDING_KEY].dtype
+    base_dtype = plan.base.info("text_encoder", TOKEN_EMBEDDING_KEY).dtype
     stored = dtype or {"F16": torch.float16, "BF16": torch.bfloat16}.get(base_dtype, torch.float32)
     rows = {tok: row.to(stored) for tok, row in plan.token_rows}
     entries = [Entry(tok, t.dtype, tuple(t.shape)) for tok, t in sorted(rows.items())]

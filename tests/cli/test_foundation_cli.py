@@ -29,7 +29,7 @@ def cli(reg: Path | str, *args: str) -> tuple[int, str, str]:
 @pytest.fixture
 def reg(tiny_base: Path, tmp_path: Path) -> Path:
     path = tmp_path / "reg"
-    code, out, err = cli(path, "init", "--base", str(tiny_base), "--slots", "4", "--rank", "2")
+    code, _, err = cli(path, "init", "--base", str(tiny_base), "--slots", "4", "--rank", "2")
     assert code == 0, err
     return path
 
@@ -51,10 +51,14 @@ def test_init_reports_layout_as_json(tiny_base: Path, tmp_path: Path) -> None:
     assert (tmp_path / "r" / "basis.safetensors").is_file()
 
 
-def test_init_refuses_existing_registry_and_bad_layouts(reg: Path, tiny_base: Path, tmp_path: Path) -> None:
+def test_init_refuses_existing_registry_and_bad_layouts(
+    reg: Path, tiny_base: Path, tmp_path: Path
+) -> None:
     code, _, err = cli(reg, "init", "--base", str(tiny_base))
     assert code == 2 and "already exists" in err
-    code, _, err = cli(tmp_path / "x", "init", "--base", str(tiny_base), "--slots", "17", "--rank", "2")
+    code, _, err = cli(
+        tmp_path / "x", "init", "--base", str(tiny_base), "--slots", "17", "--rank", "2"
+    )
     assert code == 2 and "narrowest target" in err and not (tmp_path / "x").exists()
     code, _, err = cli(tmp_path / "y", "init", "--base", str(tmp_path / "nope"))
     assert code == 2 and not (tmp_path / "y").exists()
@@ -68,9 +72,10 @@ def test_reserve_list_release_cycle(reg: Path) -> None:
     assert code == 0 and "slot 2" in out
     code, out, _ = cli(reg, "slots", "--json")
     rows = json.loads(out)
-    assert [(r["slot"], r["concept"], r["token"], r["owner"], r["status"]) for r in rows][0] == (
+    first = rows[0]
+    assert (first["slot"], first["concept"], first["token"], first["owner"], first["status"]) == (
         0, "rex", "<rex>", "studio-a", "reserved"
-    )
+    )  # fmt: skip
     assert rows[1]["token"] == "<tabby>"
     code, out, _ = cli(reg, "slots")
     assert code == 0 and "rex" in out and "tabby" in out
@@ -99,7 +104,9 @@ def test_reserve_list_release_cycle(reg: Path) -> None:
         (["ok", "--class-word", "two words"], 2, "whitespace"),
     ],
 )
-def test_bad_reservations_change_nothing(reg: Path, args: list[str], code: int, needle: str) -> None:
+def test_bad_reservations_change_nothing(
+    reg: Path, args: list[str], code: int, needle: str
+) -> None:
     assert cli(reg, "reserve-slot", "rex", "--token", "<rex>", "--class-word", "dog")[0] == 0
     before = snapshot(reg)
     got, _, err = cli(reg, "reserve-slot", *args)
@@ -192,7 +199,8 @@ BAD_ADAPTERS: dict[str, tuple[Mutation, str]] = {
     "concept not reserved": (lambda s, d: _rewrite(s, d, concept="ghost"), "no slot is reserved"),
     "missing key": (lambda s, d: _rewrite(s, d, tensors=lambda t: t.pop(_first_up(t))), "missing"),
     "extra key": (
-        lambda s, d: _rewrite(s, d, tensors=lambda t: t.update(extra=torch.zeros(1))), "unexpected"
+        lambda s, d: _rewrite(s, d, tensors=lambda t: t.update(extra=torch.zeros(1))),
+        "unexpected",
     ),
     "wrong shape": (
         lambda s, d: _rewrite(s, d, tensors=lambda t: t.update({_first_up(t): torch.zeros(3, 3)})),
@@ -215,7 +223,9 @@ BAD_ADAPTERS: dict[str, tuple[Mutation, str]] = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ADAPTERS))
-def test_publish_refuses_bad_adapters(reg: Path, adapter_factory, tmp_path: Path, case: str) -> None:  # type: ignore[no-untyped-def]
+def test_publish_refuses_bad_adapters(
+    reg: Path, adapter_factory, tmp_path: Path, case: str
+) -> None:  # type: ignore[no-untyped-def]
     registry = open_registry(str(reg))
     good = adapter_factory(registry, "rex")
     bad = tmp_path / "bad.safetensors"
@@ -261,7 +271,7 @@ def test_verify_detects_a_damaged_stored_adapter(reg: Path, adapter_factory) -> 
     raw = bytearray(stored.read_bytes())
     raw[-1] ^= 0x01
     stored.write_bytes(bytes(raw))
-    code, out, err = cli(reg, "verify", "--json")
+    code, out, _ = cli(reg, "verify", "--json")
     assert code == 4
     report = json.loads(out)
     assert not report["ok"] and "sha256" in " ".join(report["adapters"][0]["problems"])

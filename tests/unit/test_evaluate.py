@@ -29,7 +29,9 @@ def test_single_concept_merge_keeps_all_of_it(tiny_registry: Registry, adapter_f
     assert m.prior_interference == pytest.approx(m.prior_drift, rel=1e-5)
 
 
-def test_adapter_that_changes_no_weight_leaves_the_prior_alone(tiny_registry: Registry, adapter_factory) -> None:  # type: ignore[no-untyped-def]
+def test_adapter_that_changes_no_weight_leaves_the_prior_alone(
+    tiny_registry: Registry, adapter_factory
+) -> None:  # type: ignore[no-untyped-def]
     publish(tiny_registry, adapter_factory(tiny_registry, "idle", magnitude=0.0), "idle")
     (m,) = evaluate(tiny_registry, ["idle"], None, CONFIG)
     assert m.prior_interference == 0.0 and m.prior_drift == 0.0

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from blockctl.base_model import BaseFolder, resolve_base
 from blockctl.errors import InvalidInput, ValidationFailed
-from blockctl.layout import Layout, build_layout, fingerprint, find_targets, load_basis
+from blockctl.layout import Layout, build_layout, find_targets, fingerprint, load_basis
 
 
 def test_presets_select_the_documented_modules(tiny_base: Path) -> None:
@@ -48,7 +48,9 @@ def test_layout_roundtrip_and_hash(tiny_base: Path, tmp_path: Path) -> None:
 
 def test_basis_file_has_one_orthonormal_matrix_per_width(tiny_base: Path, tmp_path: Path) -> None:
     path = tmp_path / "basis.safetensors"
-    layout = build_layout(str(tiny_base), tiny_base, preset="attn", slots=4, rank=2, basis_path=path)
+    layout = build_layout(
+        str(tiny_base), tiny_base, preset="attn", slots=4, rank=2, basis_path=path
+    )
     assert sorted(load_file(str(path))) == [f"basis.{d}" for d in layout.widths]
     bases = load_basis(path, layout)
     for d, b in bases.items():
