@@ -50,9 +50,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     try:
         return DTYPES[name.lower()]
     except KeyError:
-        raise InvalidInput(
-            f"unknown dtype {name!r}; choose float32, float16 or bfloat16"
-        ) from None
+        raise InvalidInput(f"unknown dtype {name!r}; choose float32, float16 or bfloat16") from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -209,7 +207,9 @@ def _cast_dtype(current: torch.dtype, wanted: torch.dtype | None) -> torch.dtype
     return wanted
 
 
-def plan_merge(registry: Registry, concepts: Sequence[str], scales: Mapping[str, float]) -> MergePlan:
+def plan_merge(
+    registry: Registry, concepts: Sequence[str], scales: Mapping[str, float]
+) -> MergePlan:
     """Check the request and load what the merge needs; nothing is written."""
     if not concepts:
         raise InvalidInput("name at least one concept to merge")

@@ -1,7 +1,7 @@
 """Registries: where the layout, the slots and the published adapters live.
 
 ``open_registry(location)`` picks the backend from the location string: ``hf://...`` for a
-Hugging Face Hub registry (not supported yet), anything else a local folder. Opening creates
+Hugging Face Hub registry (``registry.hub``), anything else a local folder. Opening creates
 nothing; use ``Registry.create`` for that.
 """
 
@@ -22,10 +22,9 @@ def open_registry(location: str) -> Registry:
     """The registry at ``location``: ``hf://[datasets/]org/name[@rev]`` (Hub) or a folder."""
     location = str(location)
     if location.startswith(HUB_PREFIX):
-        raise InvalidInput(
-            "Hub registries (hf://) are not supported yet",
-            hint="use a local folder as the registry for now",
-        )
+        from registry.hub import HubRegistry  # huggingface_hub is only imported when needed
+
+        return HubRegistry(location)
     if not location.strip():
         raise InvalidInput("the registry location is empty")
     return LocalRegistry(Path(location))

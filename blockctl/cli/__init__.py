@@ -93,9 +93,9 @@ def _root(
 
 
 def _register_commands() -> None:
-    from blockctl.cli import adapters, evaluate, merge, slots, train
+    from blockctl.cli import adapters, evaluate, merge, mirror, slots, train
 
-    for module in (adapters, slots, train, evaluate, merge):
+    for module in (adapters, slots, train, evaluate, merge, mirror):
         module.register(app)
     try:  # TODO(lead): drop the guard once blockctl/cli/toy.py lands
         from blockctl.cli import toy  # type: ignore[attr-defined]

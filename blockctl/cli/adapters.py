@@ -33,8 +33,29 @@ def publish(
     )
 
 
-def verify(ctx: typer.Context, json_out: bool = JSON_OPTION) -> None:
-    """Check every published adapter: intact, at its reserved slot, disjoint from the rest."""
+def verify(
+    ctx: typer.Context,
+    json_out: bool = JSON_OPTION,
+    merged: Path = typer.Option(
+        None,
+        "--merged",
+        help="Check a merged output instead: weights = base + Σ ΔW.",
+        show_default=False,
+    ),
+    tolerance: float = typer.Option(
+        None,
+        "--tolerance",
+        help="Max relative error for --merged (default: by dtype).",
+        show_default=False,
+    ),
+) -> None:
+    """Check every published adapter: intact, at its reserved slot, disjoint from the rest.
+    With --merged, check that a merged output's weights equal base + Σ ΔW."""
+    if merged is not None:
+        from blockctl.cli.merge import verify_merged
+
+        verify_merged(ctx, merged, tolerance, json_out)
+        return
     reg = open_registry(ctx)
     report = verify_registry(reg, layout_of(reg))
     if json_out:

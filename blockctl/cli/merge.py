@@ -11,20 +11,28 @@ from blockctl.cli.common import JSON_OPTION, console, emit_json, open_registry
 
 def merge(
     ctx: typer.Context,
-    concepts: list[str] = typer.Argument(None, help="Published concepts to merge.", show_default=False),
+    concepts: list[str] = typer.Argument(
+        None, help="Published concepts to merge.", show_default=False
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the merged output."),
     fmt: str = typer.Option(
-        "diffusers", "--format", "-f",
+        "diffusers",
+        "--format",
+        "-f",
         help="diffusers (pipeline folder), single-file (original SD layout) or lora.",
-    ),  # fmt: skip
+    ),
     dtype: str = typer.Option(
-        None, "--dtype", help="float32, float16 or bfloat16. Default: the base's dtype.",
+        None,
+        "--dtype",
+        help="float32, float16 or bfloat16. Default: the base's dtype.",
         show_default=False,
-    ),  # fmt: skip
+    ),
     scale: list[str] = typer.Option(
-        None, "--scale", help="NAME=FLOAT: strength of one concept (default 1.0). Repeatable.",
+        None,
+        "--scale",
+        help="NAME=FLOAT: strength of one concept (default 1.0). Repeatable.",
         show_default=False,
-    ),  # fmt: skip
+    ),
     lora_keys: str = typer.Option(
         "peft", "--lora-keys", help="Key style of --format lora: peft (diffusers) or kohya."
     ),
@@ -36,7 +44,8 @@ def merge(
     The output is written to a temporary sibling and renamed into place, so an interrupted
     merge leaves nothing behind. The same inputs always give the same bytes.
     """
-    from blockctl.merge import MergeOptions, merge as run_merge, parse_scales
+    from blockctl.merge import MergeOptions, parse_scales
+    from blockctl.merge import merge as run_merge
 
     options = MergeOptions(
         out=out, format=fmt, dtype=dtype, scales=parse_scales(scale or []),
@@ -59,3 +68,33 @@ def merge(
 
 def register(app: typer.Typer) -> None:
     app.command("merge")(merge)
+
+
+def verify_merged(ctx: typer.Context, path: Path, tolerance: float | None, json_out: bool) -> None:
+    """``verify --merged``: recompute the expected weights independently and compare."""
+    from blockctl.errors import InvalidInput, ValidationFailed
+    from blockctl.merged_check import check_merged
+
+    if tolerance is not None and not tolerance >= 0:
+        raise InvalidInput(f"--tolerance must be a non-negative number, got {tolerance}")
+    report = check_merged(open_registry(ctx), path, tolerance)
+    if json_out:
+        emit_json(report.to_dict())
+    else:
+        for component, err in sorted(report.errors.items()):
+            mark = "[green]✓[/]" if err <= report.tolerance else "[red]✗[/]"
+            console.print(
+                f"{mark} {component}: max relative error {err:.2e} "
+                f"(tolerance {report.tolerance:.0e}; worst {report.worst[component]})",
+                highlight=False,
+            )
+        for problem in report.problems:
+            console.print(f"[red]✗[/] {problem}", highlight=False)
+        if report.ok:
+            console.print(
+                f"[green]✓[/] {path} = base + Σ ΔW of {', '.join(report.concepts)} "
+                f"({report.checked} tensors)",
+                highlight=False,
+            )
+    if not report.ok:
+        raise ValidationFailed(f"{path} does not match base + Σ ΔW within {report.tolerance:.0e}")

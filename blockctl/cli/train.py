@@ -10,7 +10,14 @@ from typing import Any
 
 import typer
 
-from blockctl.cli.common import JSON_OPTION, console, emit_json, err_console, open_registry, settings
+from blockctl.cli.common import (
+    JSON_OPTION,
+    console,
+    emit_json,
+    err_console,
+    open_registry,
+    settings,
+)
 from blockctl.names import check_concept
 
 DEFAULT_RUNS = Path("blockctl-runs")
@@ -18,21 +25,39 @@ DEFAULT_RUNS = Path("blockctl-runs")
 
 def train(
     ctx: typer.Context,
-    photos: Path = typer.Argument(..., help="Folder of the concept's photos (jpg/png/webp; "
-                                  "optional IMAGE.txt caption beside each)."),
+    photos: Path = typer.Argument(
+        ...,
+        help="Folder of the concept's photos (jpg/png/webp; "
+        "optional IMAGE.txt caption beside each).",
+    ),
     concept: str = typer.Option(..., "--concept", "-c", help="Concept with a reserved slot."),
     steps: int = typer.Option(None, "--steps", help="Optimizer steps [default: 300]."),
-    lr: float = typer.Option(None, "--lr", help="Learning rate of the slot blocks B [default: 1e-3]."),
+    lr: float = typer.Option(
+        None, "--lr", help="Learning rate of the slot blocks B [default: 1e-3]."
+    ),
     embedding_lr: float = typer.Option(
         None, "--embedding-lr", help="Learning rate of the token embedding [default: 5e-3]."
     ),
     batch_size: int = typer.Option(None, "--batch-size", help="Photos per step [default: 2]."),
-    grad_accum: int = typer.Option(None, "--grad-accum", help="Gradient accumulation [default: 1]."),
+    grad_accum: int = typer.Option(
+        None, "--grad-accum", help="Gradient accumulation [default: 1]."
+    ),
     warmup_steps: int = typer.Option(None, "--warmup-steps", help="LR warmup [default: 20]."),
-    schedule: str = typer.Option(None, "--schedule", help="constant, cosine or linear [default: constant]."),
-    roe: bool = typer.Option(None, "--roe/--no-roe", help="Randomized Output Erasure [default: on]."),
-    roe_prob: float = typer.Option(None, "--roe-prob", help="Chance of an erasure batch per step [default: 0.5]."),
-    roe_weight: float = typer.Option(None, "--roe-weight", help="λ of the erasure loss [default: 1.0]."),
+    schedule: str = typer.Option(
+        None, "--schedule", help="constant, cosine or linear [default: constant]."
+    ),
+    roe: bool = typer.Option(
+        None, "--roe/--no-roe", help="Randomized Output Erasure [default: on]."
+    ),
+    roe_prob: float = typer.Option(
+        None, "--roe-prob", help="Chance of an erasure batch per step [default: 0.5]."
+    ),
+    roe_weight: float = typer.Option(
+        None, "--roe-weight", help="λ of the erasure loss [default: 1.0]."
+    ),
+    roe_batch_size: int = typer.Option(
+        None, "--roe-batch-size", help="Erasure prompts per step [default: half the batch]."
+    ),
     seed: int = typer.Option(None, "--seed", help="Seed of every random draw [default: 0]."),
     checkpoint_every: int = typer.Option(
         None, "--checkpoint-every", help="Save a checkpoint every N steps [default: 100]."
@@ -40,12 +65,24 @@ def train(
     mixed_precision: str = typer.Option(
         None, "--mixed-precision", help="no, bf16 or fp16 (GPU) [default: no]."
     ),
-    out: Path = typer.Option(None, "--out", "-o", help="Run folder [default: ./blockctl-runs/CONCEPT]."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
-    publish: bool = typer.Option(True, "--publish/--no-publish", help="Publish the adapter when done."),
-    owner: str = typer.Option(None, "--owner", help="Refuse unless the slot is held by this owner."),
-    base: str = typer.Option(None, "--base", help="Base model override (must match the registry's)."),
-    sample: bool = typer.Option(True, "--sample/--no-sample", help="Render a before/after sample grid."),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="Run folder [default: ./blockctl-runs/CONCEPT]."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the run folder's last checkpoint."
+    ),
+    publish: bool = typer.Option(
+        True, "--publish/--no-publish", help="Publish the adapter when done."
+    ),
+    owner: str = typer.Option(
+        None, "--owner", help="Refuse unless the slot is held by this owner."
+    ),
+    base: str = typer.Option(
+        None, "--base", help="Base model override (must match the registry's)."
+    ),
+    sample: bool = typer.Option(
+        True, "--sample/--no-sample", help="Render a before/after sample grid."
+    ),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Train a concept inside its reserved slot (with ROE) and publish the adapter."""
@@ -54,21 +91,49 @@ def train(
 
     check_concept(concept)
     given = dict(
-        steps=steps, lr=lr, embedding_lr=embedding_lr, batch_size=batch_size,
-        grad_accum=grad_accum, warmup_steps=warmup_steps, schedule=schedule, roe=roe,
-        roe_prob=roe_prob, roe_weight=roe_weight, seed=seed, checkpoint_every=checkpoint_every,
+        steps=steps,
+        lr=lr,
+        embedding_lr=embedding_lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        warmup_steps=warmup_steps,
+        schedule=schedule,
+        roe=roe,
+        roe_prob=roe_prob,
+        roe_weight=roe_weight,
+        roe_batch_size=roe_batch_size,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
         mixed_precision=mixed_precision,
-    )  # fmt: skip
+    )
     overrides = {k: v for k, v in given.items() if v is not None}
     out_dir = out if out is not None else DEFAULT_RUNS / concept
-    hint = shlex.join([
-        "blockctl", "--registry", settings(ctx).registry, "train", str(photos),
-        "--concept", concept, "--out", str(out_dir), "--resume",
-    ])  # fmt: skip
+    hint = shlex.join(
+        [
+            "blockctl",
+            "--registry",
+            settings(ctx).registry,
+            "train",
+            str(photos),
+            "--concept",
+            concept,
+            "--out",
+            str(out_dir),
+            "--resume",
+        ]
+    )
     request = TrainRequest(
-        photos=photos, concept=concept, out_dir=out_dir, overrides=overrides, resume=resume,
-        publish=publish, owner=owner, base=base, sample=sample, resume_hint=hint,
-    )  # fmt: skip
+        photos=photos,
+        concept=concept,
+        out_dir=out_dir,
+        overrides=overrides,
+        resume=resume,
+        publish=publish,
+        owner=owner,
+        base=base,
+        sample=sample,
+        resume_hint=hint,
+    )
     registry = open_registry(ctx)
 
     def say(message: str) -> None:
@@ -81,7 +146,8 @@ def train(
         return
     console.print(
         f"Trained [bold]{concept}[/] for {result.steps} steps in {result.seconds:.0f}s "
-        f"(final loss {result.final_loss:.4f})\nadapter {result.adapter}  sha256 {result.sha256[:12]}"
+        f"(final loss {result.final_loss:.4f})\n"
+        f"adapter {result.adapter}  sha256 {result.sha256[:12]}"
         + ("\npublished to the registry" if result.published else "\nnot published (--no-publish)")
         + (f"\nsamples {result.grid}" if result.grid else ""),
         highlight=False,
@@ -92,18 +158,28 @@ def train(
 def _progress(quiet: bool) -> Iterator[Any]:
     """A rich progress bar on stderr with loss and ETA; none for ``--json`` or off a terminal."""
     from rich.progress import (
-        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
         TimeRemainingColumn,
-    )  # fmt: skip
+    )
 
     if quiet or not err_console.is_terminal:
         yield None
         return
     bar = Progress(
-        TextColumn("training"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("ETA"),
-        TimeRemainingColumn(), console=err_console, transient=False,
-    )  # fmt: skip
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )
     task = None
 
     def report(step: int, total: int, loss: float) -> None:

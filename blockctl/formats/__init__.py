@@ -78,7 +78,7 @@ def _pid_alive(pid: int) -> bool:
 def clean_stale(out: Path) -> list[Path]:
     """Remove temporaries of earlier merges to ``out`` whose process is gone (SIGKILL, power
     loss). A live process's temporaries are left alone: it may still be writing them."""
-    removed = []
+    removed: list[Path] = []
     parent = out.parent
     if not parent.is_dir():
         return removed

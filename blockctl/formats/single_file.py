@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
 
 from blockctl.errors import InvalidInput
 from blockctl.formats import pause_mid_write
 from blockctl.layout import canonical_module
 from blockctl.merge import parse_dtype
-from blockctl.stream import Entry, StreamWriter, read_entries
+from blockctl.stream import Entry, StreamWriter, TensorReader, read_entries
 
 if TYPE_CHECKING:
     from blockctl.base_model import BaseFolder
@@ -78,7 +77,9 @@ def unet_key(key: str, config: dict[str, Any]) -> str:
     if m := _BLOCK.match(key):
         side, block, kind, layer, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
         # A down block holds per resnets + a downsampler, an up block per + 1 resnets.
-        index = 1 + block * (per + 1) + layer if side == "down_blocks" else block * (per + 1) + layer
+        index = (
+            1 + block * (per + 1) + layer if side == "down_blocks" else block * (per + 1) + layer
+        )
         name = "input_blocks" if side == "down_blocks" else "output_blocks"
         if kind == "resnets":
             return f"{name}.{index}.0.{_resnet(rest)}"
@@ -116,8 +117,11 @@ def vae_key(key: str, config: dict[str, Any]) -> str:
 
 def is_vae_attention_weight(ldm_key: str, shape: tuple[int, ...]) -> bool:
     """The original VAE attention projections are 1×1 convolutions, not linear layers."""
-    return ".mid.attn_1." in ldm_key and ldm_key.endswith("weight") and len(shape) == 2 and (
-        not ldm_key.endswith("norm.weight")
+    return (
+        ".mid.attn_1." in ldm_key
+        and ldm_key.endswith("weight")
+        and len(shape) == 2
+        and (not ldm_key.endswith("norm.weight"))
     )
 
 
@@ -163,14 +167,14 @@ def write_single_file(plan: MergePlan, out: Path, dtype: torch.dtype | None) -> 
     if len({r[0] for r in rows}) != len(rows):
         raise InvalidInput("two base tensors map to the same original-layout key")
     with contextlib.ExitStack() as stack:
-        handles: dict[Path, Any] = {}
+        readers: dict[Path, TensorReader] = {}
         writer = stack.enter_context(
             StreamWriter(out, [r[4] for r in rows], plan.metadata("single-file", dtype))
         )
         for i, (ldm, component, file, key, entry) in enumerate(rows):
-            if file not in handles:
-                handles[file] = stack.enter_context(safe_open(str(file), framework="pt"))
-            tensor = plan.produce(component, key, handles[file].get_tensor(key), dtype, tokens=False)
+            if file not in readers:
+                readers[file] = stack.enter_context(TensorReader(file))
+            tensor = plan.produce(component, key, readers[file].get(key), dtype, tokens=False)
             writer.write(ldm, tensor.reshape(entry.shape))
             if i == 0:
                 pause_mid_write()

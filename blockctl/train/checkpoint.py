@@ -108,9 +108,10 @@ def _complete(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [
-        p for p in root.iterdir()
+        p
+        for p in root.iterdir()
         if p.is_dir() and p.name.startswith("step-") and (p / META_FILE).is_file()
-    ]  # fmt: skip
+    ]
     return sorted(done, key=lambda p: p.name)
 
 

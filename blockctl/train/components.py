@@ -86,24 +86,29 @@ class StepModel(nn.Module):
         self.text_slots = any(n.startswith("text_encoder.") for n in adapter.slots)
 
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(ids)[0]  # type: ignore[no-any-return]
+        return self.text_encoder(ids)[0]
 
     def forward(
-        self, noisy: torch.Tensor, timesteps: torch.Tensor, ids: torch.Tensor,
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        ids: torch.Tensor,
         roe_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         cond = self.encode(ids)
         if roe_ids is None:
             return self.unet(noisy, timesteps, cond).sample, None, None
+        # The erasure batch reuses the first noised latents of the concept batch (see roe.py).
+        k = roe_ids.shape[0]
         with torch.no_grad(), self.adapter.slots_disabled():
             base_cond = self.encode(roe_ids)
-            target = self.unet(noisy, timesteps, base_cond).sample
+            target = self.unet(noisy[:k], timesteps[:k], base_cond).sample
         # Without text-encoder slots the erasure prompts encode the same with or without the
         # adapter (the learnt token is never among them), so the no-grad encoding is reused.
         roe_cond = self.encode(roe_ids) if self.text_slots else base_cond
         both = self.unet(
-            torch.cat([noisy, noisy]),
-            torch.cat([timesteps, timesteps]),
+            torch.cat([noisy, noisy[:k]]),
+            torch.cat([timesteps, timesteps[:k]]),
             torch.cat([cond, roe_cond.to(cond.dtype)]),
         ).sample
         n = noisy.shape[0]

@@ -31,6 +31,9 @@ class TrainConfig:
     roe: bool = True
     roe_prob: float = 0.5
     roe_weight: float = 1.0
+    # Erasure prompts per step; None: half the concept batch (at least 1), which keeps ROE's
+    # extra cost (a grad pass plus a no-grad target pass) near a third of a plain step.
+    roe_batch_size: int | None = None
     seed: int = 0
     checkpoint_every: int = 100
     mixed_precision: str = "no"
@@ -42,6 +45,17 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidInput(f"--{_flag(name)} must be a positive integer, got {value}")
+        if self.roe_batch_size is not None and (
+            not isinstance(self.roe_batch_size, int) or self.roe_batch_size < 1
+        ):
+            raise InvalidInput(
+                f"--roe-batch-size must be a positive integer, got {self.roe_batch_size}"
+            )
+        if self.roe_batch_size is not None and self.roe_batch_size > self.batch_size:
+            raise InvalidInput(
+                f"--roe-batch-size ({self.roe_batch_size}) cannot exceed --batch-size "
+                f"({self.batch_size}): erasure reuses the concept batch's noised latents"
+            )
         if self.warmup_steps < 0:
             raise InvalidInput(f"--warmup-steps must not be negative, got {self.warmup_steps}")
         if self.seed < 0:
@@ -69,6 +83,10 @@ class TrainConfig:
     @property
     def roe_active(self) -> bool:
         return self.roe and self.roe_prob > 0 and self.roe_weight > 0
+
+    @property
+    def erasure_batch(self) -> int:
+        return self.roe_batch_size or max(1, self.batch_size // 2)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -71,10 +71,13 @@ def step_seed(seed: int, step: int, micro: int, rank: int, stream: str) -> int:
 
 
 def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(  # type: ignore[no-any-return]
-        prompts, padding="max_length", max_length=tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
-    ).input_ids  # fmt: skip
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 def build_optimizer(config: TrainConfig, adapter: ConceptAdapter) -> torch.optim.AdamW:
@@ -114,7 +117,9 @@ def micro_batch(
     n, b = inputs.caption_ids.shape[0], cfg.batch_size
     index = torch.randint(n, (b,), generator=gen)
     flip = torch.rand(b, generator=gen) < 0.5 if cfg.flip else torch.zeros(b, dtype=torch.bool)
-    latents = inputs.bank.sample(index, flip, torch.randn(b, *inputs.bank.mean.shape[2:], generator=gen))
+    latents = inputs.bank.sample(
+        index, flip, torch.randn(b, *inputs.bank.mean.shape[2:], generator=gen)
+    )
     noise = torch.randn(latents.shape, generator=gen)
     sched = comps.noise_scheduler
     timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen)
@@ -127,7 +132,7 @@ def micro_batch(
     if cfg.roe_active:
         rng = random.Random(step_seed(cfg.seed, step, micro, rank, "roe"))
         if roe.draw(rng, cfg.roe_prob):
-            roe_ids = tokenize(comps.tokenizer, inputs.pool.sample(rng, b))
+            roe_ids = tokenize(comps.tokenizer, inputs.pool.sample(rng, cfg.erasure_batch))
     return noisy, timesteps, inputs.caption_ids[index], target, roe_ids
 
 
@@ -142,9 +147,7 @@ def run(
 ) -> LoopState:
     """Train from ``state.step`` to ``config.steps``; raises TrainingInterrupted on Ctrl-C."""
     cfg = inputs.config
-    params = inputs.adapter.slot_parameters() + inputs.adapter.embedding_parameters()
     base_lrs = [cfg.lr, cfg.embedding_lr]
-    rank, device = accelerator.process_index, accelerator.device
     flag = StopFlag()
     saved_at = state.step
     with ctrl_c_stops(flag):
@@ -152,29 +155,7 @@ def run(
             factor = lr_factor(cfg, state.step)
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * factor
-            total, erased = 0.0, False
-            for micro in range(cfg.grad_accum):
-                noisy, t, ids, target, roe_ids = micro_batch(inputs, state.step, micro, rank)
-                with accelerator.accumulate(model):
-                    pred, student, teacher = model(
-                        noisy.to(device), t.to(device), ids.to(device),
-                        None if roe_ids is None else roe_ids.to(device),
-                    )  # fmt: skip
-                    loss = F.mse_loss(pred.float(), target.to(device).float())
-                    if student is not None and teacher is not None:
-                        loss = loss + cfg.roe_weight * roe.erasure_loss(student, teacher)
-                        erased = True
-                    if not bool(torch.isfinite(loss)):
-                        raise TrainingDiverged(
-                            f"loss became {float(loss)} at step {state.step + 1}; training stopped",
-                            hint="lower --lr / --embedding-lr, or resume from the last checkpoint",
-                        )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                total += float(loss.detach()) / cfg.grad_accum
+            total, erased = train_step(inputs, accelerator, model, optimizer, state.step)
             state.step += 1
             state.losses.append(total)
             state.roe_steps += int(erased)
@@ -193,6 +174,41 @@ def run(
                     hint=f"resume with: {inputs.resume_hint}",
                 )
     return state
+
+
+def train_step(
+    inputs: LoopInputs, accelerator: Any, model: StepModel, optimizer: Any, step: int
+) -> tuple[float, bool]:
+    """One optimizer step (all its micro-batches): the mean loss, and whether it erased."""
+    cfg = inputs.config
+    params = inputs.adapter.slot_parameters() + inputs.adapter.embedding_parameters()
+    rank, device = accelerator.process_index, accelerator.device
+    total, erased = 0.0, False
+    for micro in range(cfg.grad_accum):
+        noisy, t, ids, target, roe_ids = micro_batch(inputs, step, micro, rank)
+        with accelerator.accumulate(model):
+            pred, student, teacher = model(
+                noisy.to(device),
+                t.to(device),
+                ids.to(device),
+                None if roe_ids is None else roe_ids.to(device),
+            )
+            loss = F.mse_loss(pred.float(), target.to(device).float())
+            if student is not None and teacher is not None:
+                loss = loss + cfg.roe_weight * roe.erasure_loss(student, teacher)
+                erased = True
+            if not bool(torch.isfinite(loss)):
+                raise TrainingDiverged(
+                    f"loss became {float(loss.detach())} at step {step + 1}; training stopped",
+                    hint="lower --lr / --embedding-lr, or resume from the last checkpoint",
+                )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        total += float(loss.detach()) / cfg.grad_accum
+    return total, erased
 
 
 def _agree(accelerator: Any, requested: bool) -> bool:

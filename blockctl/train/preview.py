@@ -36,12 +36,17 @@ def sample_grid(
     )
     from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 
-    pipe: Any = StableDiffusionPipeline(
-        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+    parts: dict[str, Any] = dict(
+        vae=comps.vae,
+        text_encoder=comps.text_encoder,
+        tokenizer=comps.tokenizer,
         unet=comps.unet,
         scheduler=DPMSolverMultistepScheduler.from_config(comps.sample_scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe: Any = StableDiffusionPipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
     rows: list[list[Image.Image]] = []
     for prompt in prompts:
@@ -51,9 +56,12 @@ def sample_grid(
             try:
                 gens = [torch.Generator().manual_seed(seed + i) for i in range(per_cell)]
                 out = pipe(
-                    [prompt] * per_cell, num_inference_steps=steps, guidance_scale=guidance,
-                    generator=gens, output_type="pil",
-                )  # fmt: skip
+                    [prompt] * per_cell,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    generator=gens,
+                    output_type="pil",
+                )
             finally:
                 adapter.set_enabled(True)
             row.extend(out.images)

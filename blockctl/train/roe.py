@@ -5,7 +5,8 @@ Each step, with probability ``p_roe``, an erasure batch is drawn: prompts from a
 that NEVER holds the concept's token. Its target is the model's own prediction with the slot
 adapter switched off; the loss adds ``λ_roe · mse(ε_{θ+Δ}(x_t, c_rand), ε_θ(x_t, c_rand))``.
 
-Choice of latents: the erasure batch reuses the concept batch's noised latents and timesteps.
+Choice of latents: the erasure batch reuses the concept batch's noised latents and timesteps
+(the first ``roe_batch_size`` of them).
 That is where the adapter has learnt to act (images of the concept), so "the same images, asked
 for with any other prompt, are denoised as the base would" is the most direct guard against
 prior drift; it also costs no extra VAE work or noise and lets both batches share one UNet call.
@@ -37,7 +38,7 @@ ENGLISH_WORDS: tuple[str, ...] = tuple(
     photo picture illustration sketch render style sunset landscape closeup wide view scene
     sitting standing running walking flying swimming smiling wearing holding near under over
     with in on at of the a and beautiful detailed realistic vintage modern abstract cartoon
-    """.split()
+    """.split()  # noqa: SIM905
 )
 TEMPLATES: tuple[str, ...] = (
     "a photo of a {w}",
@@ -135,7 +136,7 @@ def random_pieces(tokenizer: object, banned: set[str], limit: int = 4096) -> tup
 
 
 def _ids(tokenizer: object, text: str) -> Sequence[int]:
-    return tokenizer(text, add_special_tokens=False).input_ids  # type: ignore[operator,no-any-return]
+    return tokenizer(text, add_special_tokens=False).input_ids  # type: ignore[operator]
 
 
 def draw(gen: random.Random, probability: float) -> bool:

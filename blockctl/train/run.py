@@ -18,7 +18,7 @@ from blockctl.layout import Layout, fingerprint, layout_of, load_basis, sha256_f
 from blockctl.train import checkpoint, loop, roe
 from blockctl.train.components import StepModel, load_components
 from blockctl.train.config import RESUMABLE_OVERRIDES, TrainConfig
-from blockctl.train.data import default_caption, encode_photos, load_photos
+from blockctl.train.data import ConceptPhotos, default_caption, encode_photos, load_photos
 from blockctl.train.slot_adapter import attach, freeze
 from blockctl.verify import check_for_publish
 from registry.base import PUBLISHED, RESERVED, Registry, SlotRecord
@@ -57,12 +57,18 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "adapter": str(self.adapter), "sha256": self.sha256, "steps": self.steps,
-            "seconds": round(self.seconds, 3), "final_loss": self.final_loss,
-            "published": self.published, "resumed_from": self.resumed_from,
-            "grid": None if self.grid is None else str(self.grid), "photos": self.photos,
-            "skipped": list(self.skipped), "settings": self.config.to_dict(),
-        }  # fmt: skip
+            "adapter": str(self.adapter),
+            "sha256": self.sha256,
+            "steps": self.steps,
+            "seconds": round(self.seconds, 3),
+            "final_loss": self.final_loss,
+            "published": self.published,
+            "resumed_from": self.resumed_from,
+            "grid": None if self.grid is None else str(self.grid),
+            "photos": self.photos,
+            "skipped": list(self.skipped),
+            "settings": self.config.to_dict(),
+        }
 
 
 def check_slot(registry: Registry, concept: str, owner: str | None) -> SlotRecord:
@@ -97,9 +103,10 @@ def resolve_config(
         return TrainConfig().with_overrides(request.overrides)
     stored = TrainConfig.from_dict(ckpt.meta["config"])
     changed = sorted(
-        k for k, v in request.overrides.items()
+        k
+        for k, v in request.overrides.items()
         if k not in RESUMABLE_OVERRIDES and getattr(stored, k) != v
-    )  # fmt: skip
+    )
     if changed:
         say(
             f"warning: {', '.join(changed)} differ from the checkpoint's settings; the resumed "
@@ -108,17 +115,24 @@ def resolve_config(
     return stored.with_overrides(request.overrides)
 
 
-def train(
-    registry: Registry,
-    request: TrainRequest,
-    *,
-    say: Say = print,
-    progress: Callable[[int, int, float], None] | None = None,
-    on_step: Callable[[int, loop.StopFlag], None] | None = None,
-) -> TrainResult:
+@dataclass
+class Session:
+    """Everything a run needs, loaded and checked; ``train`` runs it, benchmarks time it."""
+
+    inputs: loop.LoopInputs
+    accelerator: Any
+    model: StepModel
+    optimizer: Any
+    state: loop.LoopState
+    record: SlotRecord
+    layout: Layout
+    photos: ConceptPhotos
+    resumed_from: int | None
+
+
+def prepare(registry: Registry, request: TrainRequest, say: Say = print) -> Session:
     from accelerate import Accelerator
 
-    started = time.monotonic()
     TrainConfig().with_overrides(request.overrides)  # bad numbers fail before any loading
     layout = layout_of(registry)
     record = check_slot(registry, request.concept, request.owner)
@@ -131,23 +145,31 @@ def train(
         request.photos, comps.resolution, record.token, record.class_word, warn=say
     )
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
         cpu=not torch.cuda.is_available(),
-    )  # fmt: skip
+    )
     device = accelerator.device
     freeze(comps.unet, comps.text_encoder, comps.vae)
     comps.vae.to(device)
     bank = encode_photos(comps.vae, photos.pixels, comps.scaling_factor)
     bases = load_basis(registry.basis_path(), layout)
     adapter = attach(
-        comps.modules(), layout, bases, record.slot, comps.tokenizer, record.token,
+        comps.modules(),
+        layout,
+        bases,
+        record.slot,
+        comps.tokenizer,
+        record.token,
         record.class_word,
-    )  # fmt: skip
+    )
     comps.unet.to(device)
     comps.text_encoder.to(device)
     comps.unet.train()
     comps.text_encoder.train()
-    others = [x for r in registry.slots() if r.concept != record.concept for x in (r.token, r.concept)]
+    others = [
+        x for r in registry.slots() if r.concept != record.concept for x in (r.token, r.concept)
+    ]
     pool = roe.build_pool(comps.tokenizer, record.token, record.class_word, record.concept, others)
     caption_ids = loop.tokenize(comps.tokenizer, [p.caption for p in photos.photos])
 
@@ -158,16 +180,47 @@ def train(
     if ckpt is not None:
         state = loop.restore(ckpt, adapter, optimizer)
         say(f"resuming from step {state.step} ({ckpt.path})")
-    resumed_from = state.step if ckpt is not None else None
     inputs = loop.LoopInputs(
-        config=config, components=comps, adapter=adapter, bank=bank, caption_ids=caption_ids,
-        pool=pool, out_dir=request.out_dir, run_meta=_run_meta(record, layout),
+        config=config,
+        components=comps,
+        adapter=adapter,
+        bank=bank,
+        caption_ids=caption_ids,
+        pool=pool,
+        out_dir=request.out_dir,
+        run_meta=_run_meta(record, layout),
         resume_hint=request.resume_hint,
-    )  # fmt: skip
+    )
+    return Session(
+        inputs=inputs,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        state=state,
+        record=record,
+        layout=layout,
+        photos=photos,
+        resumed_from=state.step if ckpt is not None else None,
+    )
+
+
+def train(
+    registry: Registry,
+    request: TrainRequest,
+    *,
+    say: Say = print,
+    progress: Callable[[int, int, float], None] | None = None,
+    on_step: Callable[[int, loop.StopFlag], None] | None = None,
+) -> TrainResult:
+    started = time.monotonic()
+    session = prepare(registry, request, say)
+    inputs, accelerator, state = session.inputs, session.accelerator, session.state
+    config, comps, adapter = inputs.config, inputs.components, inputs.adapter
+    record, layout, photos = session.record, session.layout, session.photos
     report = None
     if progress is not None and accelerator.is_main_process:
         report = lambda s, loss: progress(s, config.steps, loss)  # noqa: E731
-    loop.run(inputs, accelerator, model, optimizer, state, report, on_step)
+    loop.run(inputs, accelerator, session.model, session.optimizer, state, report, on_step)
     accelerator.wait_for_everyone()
 
     window = state.losses[-FINAL_LOSS_WINDOW:]
@@ -176,11 +229,16 @@ def train(
     published, grid, sha = False, None, ""
     if accelerator.is_main_process:
         meta = AdapterMeta(
-            concept=record.concept, slot=record.slot, tokens=(record.token,),
-            class_word=record.class_word, rank=layout.rank, scale=layout.scale,
-            layout_hash=layout.layout_hash, base_fingerprint=layout.base_fingerprint,
+            concept=record.concept,
+            slot=record.slot,
+            tokens=(record.token,),
+            class_word=record.class_word,
+            rank=layout.rank,
+            scale=layout.scale,
+            layout_hash=layout.layout_hash,
+            base_fingerprint=layout.base_fingerprint,
             training=_training_meta(config, len(photos), state, final_loss),
-        )  # fmt: skip
+        )
         write_adapter(adapter_path, adapter.state_tensors(), meta)
         check_for_publish(adapter_path, layout, registry)
         sha = sha256_file(adapter_path)
@@ -190,10 +248,18 @@ def train(
         if request.sample:
             grid = _grid(comps, adapter, record, adapter_path, config.seed, say)
     return TrainResult(
-        adapter=adapter_path, sha256=sha, steps=state.step, seconds=time.monotonic() - started,
-        final_loss=final_loss, published=published, resumed_from=resumed_from, grid=grid,
-        photos=len(photos), skipped=tuple(name for name, _ in photos.skipped), config=config,
-    )  # fmt: skip
+        adapter=adapter_path,
+        sha256=sha,
+        steps=state.step,
+        seconds=time.monotonic() - started,
+        final_loss=final_loss,
+        published=published,
+        resumed_from=session.resumed_from,
+        grid=grid,
+        photos=len(photos),
+        skipped=tuple(name for name, _ in photos.skipped),
+        config=config,
+    )
 
 
 def _checkpoint_for(
@@ -202,8 +268,10 @@ def _checkpoint_for(
     found = checkpoint.latest(request.out_dir)
     if not request.resume:
         if found is not None:
-            say(f"note: starting afresh; existing checkpoints in {request.out_dir} are replaced "
-                "(pass --resume to continue them)")  # fmt: skip
+            say(
+                f"note: starting afresh; existing checkpoints in {request.out_dir} are replaced "
+                "(pass --resume to continue them)"
+            )
             checkpoint.clear(request.out_dir)
         return None
     if found is None:
@@ -221,25 +289,35 @@ def _checkpoint_for(
 
 def _run_meta(record: SlotRecord, layout: Layout) -> dict[str, Any]:
     return {
-        "concept": record.concept, "slot": record.slot, "token": record.token,
-        "layout_hash": layout.layout_hash, "base_fingerprint": layout.base_fingerprint,
-    }  # fmt: skip
+        "concept": record.concept,
+        "slot": record.slot,
+        "token": record.token,
+        "layout_hash": layout.layout_hash,
+        "base_fingerprint": layout.base_fingerprint,
+    }
 
 
 def _training_meta(
     config: TrainConfig, photos: int, state: loop.LoopState, final_loss: float
 ) -> dict[str, Any]:
     return {
-        "trainer": f"blockctl {__version__}", **config.to_dict(), "photos": photos,
-        "roe_steps": state.roe_steps, "final_loss": final_loss,
-    }  # fmt: skip
+        "trainer": f"blockctl {__version__}",
+        **config.to_dict(),
+        "photos": photos,
+        "roe_steps": state.roe_steps,
+        "final_loss": final_loss,
+    }
 
 
-def _grid(comps: Any, adapter: Any, record: SlotRecord, adapter_path: Path, seed: int,
-          say: Say) -> Path | None:  # fmt: skip
+def _grid(
+    comps: Any, adapter: Any, record: SlotRecord, adapter_path: Path, seed: int, say: Say
+) -> Path | None:
     from blockctl.train.preview import sample_grid
 
-    prompts = (default_caption(record.token, record.class_word), f"a photo of a {record.class_word}")
+    prompts = (
+        default_caption(record.token, record.class_word),
+        f"a photo of a {record.class_word}",
+    )
     path = adapter_path.with_name(f"{record.concept}-samples.png")
     comps.unet.eval()
     try:

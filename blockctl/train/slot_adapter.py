@@ -33,9 +33,7 @@ class SlotLinear(nn.Module):
         self.scale = scale
         self.enabled = True
         self.register_buffer("down", down.to(base.weight.dtype).contiguous())
-        self.up = nn.Parameter(
-            torch.zeros(base.out_features, down.shape[0], dtype=torch.float32)
-        )
+        self.up = nn.Parameter(torch.zeros(base.out_features, down.shape[0], dtype=torch.float32))
 
     @property
     def in_features(self) -> int:

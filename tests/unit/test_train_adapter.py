@@ -1,4 +1,4 @@
-"""The slot adapter: frozen given A, zero-init B, the off switch, and the one trainable token row."""
+"""The slot adapter: frozen given A, zero-init B, the off switch, the one trainable token row."""
 
 from __future__ import annotations
 
@@ -84,8 +84,12 @@ def test_attach_on_the_tiny_base_trains_only_b_blocks_and_the_token_row(
     freeze(comps.unet, comps.text_encoder, comps.vae)
     bases = load_basis(tiny_registry.basis_path(), layout)
     adapter = attach(comps.modules(), layout, bases, 1, comps.tokenizer, "<rex>", "dog")
-    trainable = [p for m in (comps.unet, comps.text_encoder, comps.vae) for p in m.parameters()
-                 if p.requires_grad]  # fmt: skip
+    trainable = [
+        p
+        for m in (comps.unet, comps.text_encoder, comps.vae)
+        for p in m.parameters()
+        if p.requires_grad
+    ]
     assert len(trainable) == len(layout.targets) + 1
     assert set(adapter.slots) == {t.name for t in layout.targets}
     class_ids = comps.tokenizer("dog", add_special_tokens=False).input_ids
@@ -105,8 +109,15 @@ def test_attach_reaches_text_encoder_targets(tiny_base: Path, tmp_path: Path) ->
     layout = layout_of(reg)
     comps = load_components(tiny_base)
     freeze(comps.unet, comps.text_encoder, comps.vae)
-    adapter = attach(comps.modules(), layout, load_basis(reg.basis_path(), layout), 0,
-                     comps.tokenizer, "<cat1>", "cat")  # fmt: skip
+    adapter = attach(
+        comps.modules(),
+        layout,
+        load_basis(reg.basis_path(), layout),
+        0,
+        comps.tokenizer,
+        "<cat1>",
+        "cat",
+    )
     text = [n for n in adapter.slots if n.startswith("text_encoder.")]
     assert text and all(isinstance(adapter.slots[n], SlotLinear) for n in text)
     wrapped = [m for m in comps.text_encoder.modules() if isinstance(m, SlotLinear)]

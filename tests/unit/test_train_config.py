@@ -17,12 +17,25 @@ from blockctl.train.config import TrainConfig, lr_factor
 @pytest.mark.parametrize(
     "bad",
     [
-        {"steps": 0}, {"steps": -3}, {"batch_size": 0}, {"grad_accum": -1},
-        {"checkpoint_every": 0}, {"lr": -1e-3}, {"lr": float("nan")}, {"embedding_lr": -1.0},
-        {"roe_prob": 1.5}, {"roe_prob": -0.1}, {"roe_weight": -1.0}, {"warmup_steps": -1},
-        {"seed": -1}, {"mixed_precision": "fp8"}, {"schedule": "wiggly"},
+        {"steps": 0},
+        {"steps": -3},
+        {"batch_size": 0},
+        {"grad_accum": -1},
+        {"checkpoint_every": 0},
+        {"lr": -1e-3},
+        {"lr": float("nan")},
+        {"embedding_lr": -1.0},
+        {"roe_prob": 1.5},
+        {"roe_prob": -0.1},
+        {"roe_weight": -1.0},
+        {"warmup_steps": -1},
+        {"seed": -1},
+        {"roe_batch_size": 0},
+        {"roe_batch_size": 3, "batch_size": 2},
+        {"mixed_precision": "fp8"},
+        {"schedule": "wiggly"},
     ],
-)  # fmt: skip
+)
 def test_bad_settings_are_invalid_input(bad: dict[str, object]) -> None:
     with pytest.raises(InvalidInput):
         TrainConfig(**bad)  # type: ignore[arg-type]
@@ -35,6 +48,9 @@ def test_config_is_frozen_and_round_trips() -> None:
     assert TrainConfig.from_dict({**config.to_dict(), "unknown": 1}) == config
     assert not config.roe_active and TrainConfig().roe_active
     assert not TrainConfig(roe_prob=0.0).roe_active
+    assert TrainConfig(batch_size=4).erasure_batch == 2
+    assert TrainConfig(batch_size=1).erasure_batch == 1
+    assert TrainConfig(batch_size=4, roe_batch_size=4).erasure_batch == 4
 
 
 def test_lr_schedule_warms_up_then_follows_the_schedule() -> None:
@@ -68,7 +84,9 @@ def test_checkpoint_round_trip_keeps_the_newest_two(tmp_path: Path) -> None:
     fresh = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3, 2))], lr=0.1)
     fresh.load_state_dict(ckpt.optimizer_state())
     for key in ("exp_avg", "exp_avg_sq", "step"):
-        torch.testing.assert_close(fresh.state_dict()["state"][0][key], opt.state_dict()["state"][0][key])
+        torch.testing.assert_close(
+            fresh.state_dict()["state"][0][key], opt.state_dict()["state"][0][key]
+        )
     files = {p.name for p in ckpt.path.iterdir()}
     assert files == {"state.safetensors", "state.json"}  # nothing pickled
     json.loads((ckpt.path / "state.json").read_text())

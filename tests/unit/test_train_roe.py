@@ -33,7 +33,9 @@ def test_pool_never_contains_the_token(pool: roe.ErasurePool, seed: int, n: int)
     assert all("<rex>" not in p for p in prompts)
 
 
-def test_pool_mixes_class_vocabulary_random_strings_and_other_concepts(pool: roe.ErasurePool) -> None:
+def test_pool_mixes_class_vocabulary_random_strings_and_other_concepts(
+    pool: roe.ErasurePool,
+) -> None:
     prompts = pool.sample(random.Random(0), 400)
     assert "a photo of a dog" in prompts
     assert any("<cat>" in p or p.startswith("cat") for p in prompts)

@@ -1,0 +1,316 @@
+"""Merge speed on an SD-1.5-shaped pipeline: blockctl merge vs copying the UNet file (the I/O
+floor) vs diffusers' own path (load_lora_weights ×N + fuse_lora + save_pretrained).
+
+The base is written here with random fp16 weights, no download: the published SD 1.5 UNet and
+VAE configs, and a CLIP text encoder of SD 1.5's width and depth (768 wide, 12 layers) whose
+vocabulary is the toy tokenizer's (~500 tokens instead of 49408: we have no SD vocabulary
+offline, and merge needs tokenizer and embedding to agree). The UNet file is SD 1.5's 1.7 GB.
+
+Each contender runs in its own subprocess, timed from after its imports to the end of the
+write, its peak RSS read with ``os.wait4``. Usage::
+
+    python benchmarks/merge_speed.py [--work /tmp/merge-bench] [--out benchmarks/results/merge_speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SD15_UNET: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "norm_num_groups": 32,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "act_fn": "silu",
+    "norm_eps": 1e-5,
+    "center_input_sample": False,
+}
+SD15_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+}
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+          "num_attention_heads": 12, "max_position_embeddings": 77}  # fmt: skip
+
+
+def _write_random(path: Path, shapes: dict[str, tuple[int, ...]], seed: int) -> None:
+    from blockctl.stream import Entry, StreamWriter
+
+    gen = torch.Generator().manual_seed(seed)
+    entries = [Entry(k, torch.float16, s) for k, s in sorted(shapes.items())]
+    with StreamWriter(path, entries, {"format": "pt"}) as writer:
+        for e in entries:
+            writer.write(e.key, (0.02 * torch.randn(e.shape, generator=gen)).to(torch.float16))
+
+
+def build_base(root: Path) -> Path:
+    """An SD-1.5-shaped pipeline folder with random fp16 weights, written tensor by tensor."""
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.schedulers.scheduling_pndm import PNDMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from blockctl.toy.model import write_tokenizer_files
+
+    base = root / "base"
+    if (base / "model_index.json").is_file():
+        return base
+    shutil.rmtree(base, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_files(tmp, ())
+        vocab = json.loads((Path(tmp) / "vocab.json").read_text())
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tokenizer.save_pretrained(str(base / "tokenizer"))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        vae = AutoencoderKL(**SD15_VAE)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **CLIP_L))  # type: ignore[arg-type]
+    parts = (("unet", unet, "diffusion_pytorch_model"), ("vae", vae, "diffusion_pytorch_model"),
+             ("text_encoder", text, "model"))  # fmt: skip
+    for i, (name, model, stem) in enumerate(parts):
+        (base / name).mkdir(parents=True)
+        if name == "text_encoder":
+            model.config.save_pretrained(str(base / name))
+        else:
+            model.save_config(str(base / name))
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        _write_random(base / name / f"{stem}.safetensors", shapes, seed=i)
+    PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  skip_prk_steps=True).save_config(str(base / "scheduler"))  # fmt: skip
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "feature_extractor": [None, None], "safety_checker": [None, None],
+        "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }  # fmt: skip
+    (base / "model_index.json").write_text(json.dumps(index, indent=2))
+    return base
+
+
+def build_registry(root: Path, base: Path, n: int) -> Path:
+    """A registry of 80 rank-4 slots (80·4 = 320 ≤ 768) with ``n`` random adapters published."""
+    from blockctl.adapter import AdapterMeta, token_key, up_key, write_adapter
+    from blockctl.layout import build_layout, sha256_file
+    from registry import open_registry
+
+    where = root / "reg"
+    shutil.rmtree(where, ignore_errors=True)
+    basis = root / "basis.safetensors"
+    layout = build_layout(str(base), base, slots=80, rank=4, basis_path=basis)
+    reg = open_registry(str(where))
+    reg.create(layout.to_dict(), basis)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(n):
+        concept = f"c{i:02d}"
+        rec = reg.reserve(concept, f"<{concept}>", "thing", "bench")
+        tensors = {up_key(t.name): 0.01 * torch.randn(t.out_features, 4, generator=gen)
+                   for t in layout.targets}  # fmt: skip
+        tensors[token_key(rec.token)] = 0.02 * torch.randn(1, layout.token_dim, generator=gen)
+        meta = AdapterMeta(concept, rec.slot, (rec.token,), "thing", 4, layout.scale,
+                           layout.layout_hash, layout.base_fingerprint)  # fmt: skip
+        path = root / f"{concept}.safetensors"
+        write_adapter(path, tensors, meta)
+        reg.publish(concept, path, sha256_file(path))
+        path.unlink()
+    return where
+
+
+_BLOCKCTL = """
+import json, sys, time
+from pathlib import Path
+from blockctl.merge import MergeOptions, merge
+from registry import open_registry
+reg, out, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+t = time.perf_counter()
+merge(open_registry(reg), [f"c{i:02d}" for i in range(n)], MergeOptions(out=out))
+print(json.dumps({"seconds": time.perf_counter() - t}))
+"""
+
+_DIFFUSERS = """
+import json, sys, time
+import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+base, loras, out = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
+t = time.perf_counter()
+pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float16,
+    local_files_only=True, safety_checker=None, requires_safety_checker=False)
+names = []
+for i, path in enumerate(loras):
+    pipe.load_lora_weights(path, adapter_name=f"c{i}")
+    names.append(f"c{i}")
+pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+pipe.unload_lora_weights()
+pipe.save_pretrained(out, safe_serialization=True)
+print(json.dumps({"seconds": time.perf_counter() - t}))
+"""
+
+
+def run_child(code: str, *args: str) -> dict[str, float]:
+    """Run ``code`` in a fresh interpreter; its reported seconds, wall time and peak RSS."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+    if proc.returncode != 0:
+        raise RuntimeError(f"child failed ({proc.returncode}):\n{err[-3000:]}")
+    report = json.loads(out.strip().splitlines()[-1])
+    report["wall_with_imports"] = time.perf_counter() - start
+    report["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
+    return report
+
+
+def warm(path: Path) -> None:
+    """Read a file or folder once so every contender starts from a warm page cache."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        with f.open("rb") as fh:
+            while fh.read(1 << 24):
+                pass
+
+
+def timed_copy(src: Path, dst: Path) -> float:
+    t = time.perf_counter()
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copyfile(src, dst)
+    seconds = time.perf_counter() - t
+    shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "merge-bench")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/merge_speed.json")
+    parser.add_argument("--concepts", type=int, default=15)
+    parser.add_argument("--scaling", default="1,5,15,40,80")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    from blockctl.merge import MergeOptions, merge
+    from registry import open_registry
+
+    t = time.perf_counter()
+    base = build_base(work)
+    counts = [int(c) for c in args.scaling.split(",")]
+    reg_path = build_registry(work, base, max([args.concepts, *counts]))
+    setup = time.perf_counter() - t
+    unet_file = base / "unet" / "diffusion_pytorch_model.safetensors"
+    unet_bytes = unet_file.stat().st_size
+    warm(base)
+
+    copies = [timed_copy(unet_file, work / "copy.safetensors") for _ in range(args.repeats)]
+    folder_copies = [timed_copy(base, work / "copy-folder") for _ in range(args.repeats)]
+    ours = []
+    for _ in range(args.repeats):
+        out = work / "blockctl-out"
+        shutil.rmtree(out, ignore_errors=True)
+        ours.append(run_child(_BLOCKCTL, str(reg_path), str(out), str(args.concepts)))
+        shutil.rmtree(out)
+
+    # diffusers' path gets each concept as an ordinary rank-4 LoRA (exported by blockctl).
+    reg = open_registry(str(reg_path))
+    loras = []
+    for i in range(args.concepts):
+        path = work / f"lora-{i:02d}.safetensors"
+        if not path.exists():
+            merge(reg, [f"c{i:02d}"], MergeOptions(out=path, format="lora"))
+        loras.append(str(path))
+    theirs_out = work / "diffusers-out"
+    shutil.rmtree(theirs_out, ignore_errors=True)
+    warm(base)
+    theirs = run_child(_DIFFUSERS, str(base), *loras, str(theirs_out))
+    shutil.rmtree(theirs_out)
+
+    scaling = {}
+    for n in counts:
+        out = work / f"scale-{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            merge(reg, [f"c{i:02d}" for i in range(n)], MergeOptions(out=out))
+            times.append(time.perf_counter() - t)
+            shutil.rmtree(out)
+        scaling[str(n)] = round(min(times), 3)
+
+    best_ours = min(r["seconds"] for r in ours)
+    peak = max(r["peak_rss_bytes"] for r in ours)
+    result = {
+        "what": "blockctl merge of N rank-4 concepts into an SD-1.5-shaped fp16 diffusers "
+                "pipeline (cross-kv preset), vs copying the UNet file and diffusers' "
+                "load_lora_weights xN + fuse_lora + save_pretrained",  # fmt: skip
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__, "platform": platform.platform()},  # fmt: skip
+        "base": {"unet_bytes": unet_bytes,
+                 "pipeline_bytes": sum(p.stat().st_size for p in base.rglob("*") if p.is_file()),
+                 "note": "random fp16 weights; SD 1.5 UNet/VAE configs; CLIP-L-sized text "
+                         "encoder with the toy tokenizer's vocabulary"},  # fmt: skip
+        "concepts": args.concepts,
+        "seconds": {
+            "copy_unet_file": round(min(copies), 3),
+            "copy_pipeline_folder": round(min(folder_copies), 3),
+            "blockctl_merge": round(best_ours, 3),
+            "diffusers_fuse_save": round(theirs["seconds"], 3),
+        },
+        "ratios": {
+            "blockctl_vs_copy_unet_file": round(best_ours / min(copies), 2),
+            "blockctl_vs_copy_pipeline_folder": round(best_ours / min(folder_copies), 2),
+            "diffusers_vs_blockctl": round(theirs["seconds"] / best_ours, 2),
+        },
+        "peak_rss": {
+            "blockctl_bytes": peak,
+            "blockctl_vs_unet_file": round(peak / unet_bytes, 3),
+            "diffusers_bytes": theirs["peak_rss_bytes"],
+            "note": "whole-process peak (ru_maxrss), Python + torch + transformers included",
+        },
+        "scaling_seconds_by_concepts": scaling,
+        "targets": {"vs_copy_max": 1.5, "vs_diffusers_min": 3.0, "rss_vs_unet_max": 0.5},
+        "setup_seconds": round(setup, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""``blockctl merge`` and ``blockctl verify --merged`` from the command line: outputs, JSON,
+every bad input's exit code, and interrupted merges leaving nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from blockctl.cli import app
+from blockctl.formats import PAUSE_ENV
+from registry import Registry
+from tests.unit.test_merge import make_published
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def reg(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    return make_published(tmp_path_factory.mktemp("merge-cli"), tiny_base)
+
+
+def run(reg: Registry, *args: str) -> tuple[int, str]:
+    result = runner.invoke(app, ["--registry", reg.location, *args])
+    return result.exit_code, result.output
+
+
+def test_merge_json_and_verify_merged(reg: Registry, tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    code, text = run(reg, "merge", "rex", "tabby", "-o", str(out), "--scale", "rex=0.8", "--json")
+    assert code == 0, text
+    doc = json.loads(text)
+    assert doc["slots"] == [0, 1] and doc["bytes"] > 0 and doc["seconds"] >= 0
+    assert [c["concept"] for c in doc["concepts"]] == ["rex", "tabby"]
+    assert doc["concepts"][0]["scale"] == 0.8 and len(doc["concepts"][0]["sha256"]) == 64
+    code, text = run(reg, "verify", "--merged", str(out), "--json")
+    assert code == 0, text
+    report = json.loads(text)
+    assert report["ok"] and report["concepts"] == ["rex", "tabby"]
+    code, text = run(reg, "verify", "--merged", str(out), "--tolerance", "0")
+    assert code == 4, text
+
+
+@pytest.mark.parametrize(
+    ("fmt", "extra"), [("single-file", []), ("lora", []), ("lora", ["--lora-keys", "kohya"])]
+)
+def test_file_formats(reg: Registry, tmp_path: Path, fmt: str, extra: list[str]) -> None:
+    out = tmp_path / "out.safetensors"
+    code, text = run(reg, "merge", "rex", "vangogh", "-o", str(out), "--format", fmt, *extra)
+    assert code == 0, text
+    assert "tokens" in text and (tmp_path / "out.tokens.safetensors").is_file()
+    code, text = run(reg, "verify", "--merged", str(out))
+    assert code == 0, text
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["nobody"], 3, "published: rex, tabby, vangogh"),
+        (["rex", "rex"], 2, "more than once"),
+        ([], 2, "at least one concept"),
+        (["rex", "--scale", "tabby=0.5"], 2, "not being merged"),
+        (["rex", "--scale", "rex=strong"], 2, "not a number"),
+        (["rex", "--scale", "rex"], 2, "NAME=FLOAT"),
+        (["rex", "--dtype", "int4"], 2, "unknown dtype"),
+        (["rex", "--format", "ckpt"], 2, "unknown format"),
+        (["rex", "--format", "lora", "--lora-keys", "a1111"], 2, "key style"),
+    ],
+)
+def test_bad_input(
+    reg: Registry, tmp_path: Path, args: list[str], code: int, needle: str
+) -> None:
+    out = tmp_path / "o"
+    got, text = run(reg, "merge", *args, "-o", str(out))
+    assert got == code, text
+    assert needle in " ".join(text.split())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_out_needs_force(reg: Registry, tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    assert run(reg, "merge", "rex", "-o", str(out))[0] == 0
+    code, text = run(reg, "merge", "tabby", "-o", str(out))
+    assert code == 2 and "already exists" in text
+    assert json.loads((out / "blockctl_merge.json").read_text())["concepts"][0]["concept"] == "rex"
+    assert run(reg, "merge", "tabby", "-o", str(out), "--force")[0] == 0
+    assert json.loads((out / "blockctl_merge.json").read_text())["concepts"][0]["concept"] == "tabby"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_unwritable_out(reg: Registry, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    code, text = run(reg, "merge", "rex", "-o", str(tmp_path / "file" / "m"))
+    assert code == 2 and "not a folder" in text
+    code, text = run(reg, "merge", "rex", "-o", str(tmp_path / "missing" / "m"))
+    assert code == 2 and "does not exist" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_tampered_adapter_exit_4(tiny_base: Path, tmp_path: Path) -> None:
+    reg = make_published(tmp_path / "r", tiny_base, ("rex",), text_encoder=False)
+    path = reg.adapter_file("rex")
+    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    code, text = run(reg, "merge", "rex", "-o", str(tmp_path / "o"))
+    assert code == 4 and "sha256" in text
+    assert not (tmp_path / "o").exists()
+
+
+def _start_paused_merge(reg: Registry, out: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, **{PAUSE_ENV: "60"})
+    cmd = [sys.executable, "-m", "blockctl", "--registry", reg.location, "merge", "rex", "tabby",
+           "-o", str(out)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    # Wait until the first weights file is in the temporary sibling: the writer then sleeps.
+    while time.monotonic() < deadline:
+        temps = list(out.parent.glob(f".{out.name}.tmp-*"))
+        if temps and list(temps[0].rglob("*.safetensors")):
+            return proc
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("merge never reached the middle of writing")
+
+
+def test_sigkill_mid_write_leaves_no_out_and_rerun_cleans(reg: Registry, tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    proc = _start_paused_merge(reg, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert not out.exists()
+    # A killed process cannot clean up; the next merge to the same OUT does.
+    code, text = run(reg, "merge", "rex", "-o", str(out))
+    assert code == 0, text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_sigterm_mid_write_cleans_up_at_once(reg: Registry, tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    proc = _start_paused_merge(reg, out)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) != 0
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,111 @@
+"""Merge outputs loaded by the real clients: diffusers from_pretrained, from_single_file,
+load_lora_weights (peft keys and, through diffusers' kohya converter, kohya keys), and the
+concept tokens through load_textual_inversion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blockctl.merge import MergeOptions, merge
+from registry import Registry
+from tests.unit.test_merge import make_published
+
+pytest.importorskip("peft")
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (  # noqa: E402
+    StableDiffusionPipeline,
+)
+
+CONCEPTS = ["rex", "tabby"]
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("interop")
+    reg: Registry = make_published(root, tiny_base)
+    outs = {
+        "folder": root / "merged",
+        "single": root / "merged.safetensors",
+        "lora": root / "lora.safetensors",
+        "kohya": root / "kohya.safetensors",
+    }
+    scales = {"rex": 0.8}
+    merge(reg, CONCEPTS, MergeOptions(out=outs["folder"], scales=scales))
+    merge(reg, CONCEPTS, MergeOptions(out=outs["single"], format="single-file", scales=scales))
+    merge(reg, CONCEPTS, MergeOptions(out=outs["lora"], format="lora", scales=scales))
+    merge(reg, CONCEPTS, MergeOptions(out=outs["kohya"], format="lora", lora_keys="kohya",
+                                      scales=scales))  # fmt: skip
+    return outs | {"base": tiny_base}
+
+
+def _load(path: Path) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(
+        str(path), local_files_only=True, safety_checker=None, requires_safety_checker=False
+    )
+
+
+@pytest.fixture(scope="module")
+def folder_pipe(merged: dict[str, Path]) -> StableDiffusionPipeline:
+    return _load(merged["folder"])
+
+
+def _unet_out(pipe: StableDiffusionPipeline) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    unet = pipe.unet
+    x = torch.randn(1, unet.config.in_channels, 16, 16, generator=gen)
+    ctx = torch.randn(1, 7, unet.config.cross_attention_dim, generator=gen)
+    with torch.no_grad():
+        return unet(x, 10, encoder_hidden_states=ctx).sample
+
+
+def _text_out(pipe: StableDiffusionPipeline, prompt: str) -> torch.Tensor:
+    ids = pipe.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def test_from_pretrained_loads_and_generates(folder_pipe: StableDiffusionPipeline) -> None:
+    ids = folder_pipe.tokenizer("a <rex> and <tabby>").input_ids
+    vocab = folder_pipe.text_encoder.get_input_embeddings().weight.shape[0]
+    assert vocab - 2 in ids and vocab - 1 in ids
+    image = folder_pipe(
+        "a photo of <rex>", num_inference_steps=2, height=32, width=32, output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images  # fmt: skip
+    assert image.shape == (1, 32, 32, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
+
+
+def test_from_single_file_equals_the_folder(
+    merged: dict[str, Path], folder_pipe: StableDiffusionPipeline
+) -> None:
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(merged["single"]), config=str(merged["base"]), local_files_only=True,
+        safety_checker=None, requires_safety_checker=False,
+    )  # fmt: skip
+    for name in ("unet", "vae"):
+        mine, theirs = getattr(folder_pipe, name).state_dict(), getattr(pipe, name).state_dict()
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), name
+    rows = load_file(str(merged["single"].with_name("merged.tokens.safetensors")))
+    pipe.load_textual_inversion(list(rows.values()), token=list(rows))
+    prompt = "a <rex> with <tabby>"
+    assert torch.allclose(_text_out(pipe, prompt), _text_out(folder_pipe, prompt), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lora", "kohya"])
+def test_lora_on_the_base_matches_the_folder(
+    merged: dict[str, Path], folder_pipe: StableDiffusionPipeline, kind: str
+) -> None:
+    base = _load(merged["base"])
+    before = _unet_out(base)
+    base.load_lora_weights(str(merged[kind]))  # kohya keys go through diffusers' converter
+    after, want = _unet_out(base), _unet_out(folder_pipe)
+    assert (after - want).abs().max() <= 1e-4
+    assert (before - want).abs().max() > 1e-3  # the LoRA really changed something
+    rows = load_file(str(merged[kind].with_name(f"{kind}.tokens.safetensors")))
+    base.load_textual_inversion(list(rows.values()), token=list(rows))
+    prompt = "a <tabby>"
+    assert torch.allclose(_text_out(base, prompt), _text_out(folder_pipe, prompt), atol=1e-4)

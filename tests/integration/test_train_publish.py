@@ -1,0 +1,59 @@
+"""End to end on the tiny base: reserve → train → publish → ``blockctl verify`` passes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from blockctl.cli import app
+from blockctl.layout import sha256_file
+from registry import open_registry
+from tests.cli.test_train_cli import write_photos
+
+runner = CliRunner()
+
+
+def test_train_publish_verify(tiny_base: Path, tmp_path: Path) -> None:
+    reg = tmp_path / "reg"
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        result = runner.invoke(app, ["--registry", str(reg), *args])
+        return result.exit_code, result.stdout, result.stderr
+
+    code, _, err = cli("init", "--base", str(tiny_base), "--slots", "4", "--rank", "2")
+    assert code == 0, err
+    for concept, word in (("rex", "dog"), ("tom", "cat")):
+        code, _, err = cli("reserve-slot", concept, "--class-word", word, "--owner", "alice")
+        assert code == 0, err
+    photos = write_photos(tmp_path / "photos", n=3)
+    (photos / "0.txt").write_text("<rex> dog sitting")
+    out = tmp_path / "run"
+    code, stdout, err = cli(
+        "train",
+        str(photos),
+        "--concept",
+        "rex",
+        "--steps",
+        "3",
+        "--owner",
+        "alice",
+        "--out",
+        str(out),
+        "--json",
+    )
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["published"] is True
+    registry = open_registry(str(reg))
+    [record] = registry.adapters()
+    assert record.concept == "rex" and record.slot == 0
+    assert record.sha256 == summary["sha256"] == sha256_file(out / "rex.safetensors")
+    grid = Image.open(summary["grid"])
+    assert grid.size[0] == 4 * 32  # base ×2 | trained ×2, tiny base renders 32 px
+
+    code, stdout, err = cli("verify", "--json")
+    assert code == 0, err + stdout
+    assert json.loads(stdout)["ok"] is True

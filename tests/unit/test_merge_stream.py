@@ -1,0 +1,158 @@
+"""The streaming safetensors writer, the original-SD key mapping, and atomic staging."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from blockctl.adapter import read_header
+from blockctl.errors import InvalidInput
+from blockctl.formats import clean_stale, staged
+from blockctl.formats.single_file import unet_key, vae_key
+from blockctl.stream import Entry, StreamWriter, read_entries
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 4), max_size=3)),
+        min_size=1, max_size=5,
+    )  # fmt: skip
+)
+def test_stream_writer_round_trips(specs: list[tuple[torch.dtype, list[int]]]) -> None:
+    import tempfile
+
+    tensors = {}
+    for i, (dtype, shape) in enumerate(specs):
+        t = torch.randn(*shape) * 10 if shape else torch.tensor(3.5)
+        tensors[f"t{i}"] = t.to(dtype)
+    entries = [Entry(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "x.safetensors"
+        with StreamWriter(path, entries, {"format": "pt", "k": "v"}) as writer:
+            for key, value in tensors.items():
+                writer.write(key, value)
+        header = read_header(path)  # gap/overlap/size checks of the project's own reader
+        assert header["__metadata__"] == {"format": "pt", "k": "v"}
+        back = load_file(str(path))
+        assert back.keys() == tensors.keys()
+        for key, value in tensors.items():
+            assert back[key].dtype == value.dtype and torch.equal(back[key], value)
+        assert [e.key for e in read_entries(path)] == sorted(tensors)
+
+
+def test_stream_writer_refuses_wrong_order_shape_and_missing(tmp_path: Path) -> None:
+    entries = [Entry("a", torch.float32, (2,)), Entry("b", torch.float32, (3,))]
+    with pytest.raises(ValueError, match="out of order"), StreamWriter(tmp_path / "1", entries) as w:
+        w.write("b", torch.zeros(3))
+    with pytest.raises(ValueError, match="announced"), StreamWriter(tmp_path / "2", entries) as w:
+        w.write("a", torch.zeros(3))
+    with pytest.raises(ValueError, match="never written"), StreamWriter(tmp_path / "3", entries) as w:
+        w.write("a", torch.zeros(2))
+
+
+SD15_UNET = {
+    "layers_per_block": 2,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+
+@pytest.mark.parametrize(
+    ("key", "ldm"),
+    [
+        ("conv_in.weight", "input_blocks.0.0.weight"),
+        ("time_embedding.linear_2.bias", "time_embed.2.bias"),
+        ("down_blocks.0.resnets.0.norm1.weight", "input_blocks.1.0.in_layers.0.weight"),
+        ("down_blocks.0.attentions.1.proj_in.weight", "input_blocks.2.1.proj_in.weight"),
+        ("down_blocks.0.downsamplers.0.conv.weight", "input_blocks.3.0.op.weight"),
+        ("down_blocks.1.resnets.0.conv_shortcut.bias", "input_blocks.4.0.skip_connection.bias"),
+        ("down_blocks.3.resnets.1.time_emb_proj.weight", "input_blocks.11.0.emb_layers.1.weight"),
+        ("mid_block.resnets.1.conv2.weight", "middle_block.2.out_layers.3.weight"),
+        (
+            "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+            "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+        ),
+        ("up_blocks.0.resnets.2.conv1.weight", "output_blocks.2.0.in_layers.2.weight"),
+        ("up_blocks.0.upsamplers.0.conv.weight", "output_blocks.2.1.conv.weight"),
+        ("up_blocks.1.attentions.2.proj_out.bias", "output_blocks.5.1.proj_out.bias"),
+        ("up_blocks.1.upsamplers.0.conv.bias", "output_blocks.5.2.conv.bias"),
+        ("up_blocks.3.resnets.2.norm2.weight", "output_blocks.11.0.out_layers.0.weight"),
+        ("conv_norm_out.weight", "out.0.weight"),
+    ],
+)
+def test_unet_keys_follow_the_sd15_layout(key: str, ldm: str) -> None:
+    assert unet_key(key, SD15_UNET) == ldm
+
+
+def test_unet_key_refuses_unknown_tensors() -> None:
+    with pytest.raises(InvalidInput):
+        unet_key("add_embedding.linear_1.weight", SD15_UNET)
+
+
+@pytest.mark.parametrize(
+    ("key", "ldm"),
+    [
+        ("encoder.down_blocks.1.resnets.0.conv_shortcut.weight", "encoder.down.1.block.0.nin_shortcut.weight"),
+        ("encoder.down_blocks.2.downsamplers.0.conv.bias", "encoder.down.2.downsample.conv.bias"),
+        ("decoder.up_blocks.0.resnets.2.conv1.weight", "decoder.up.3.block.2.conv1.weight"),
+        ("decoder.up_blocks.1.upsamplers.0.conv.weight", "decoder.up.2.upsample.conv.weight"),
+        ("decoder.mid_block.resnets.1.norm2.bias", "decoder.mid.block_2.norm2.bias"),
+        ("encoder.mid_block.attentions.0.to_out.0.weight", "encoder.mid.attn_1.proj_out.weight"),
+        ("encoder.mid_block.attentions.0.group_norm.bias", "encoder.mid.attn_1.norm.bias"),
+        ("decoder.conv_norm_out.weight", "decoder.norm_out.weight"),
+        ("post_quant_conv.bias", "post_quant_conv.bias"),
+    ],
+)
+def test_vae_keys_follow_the_sd_layout(key: str, ldm: str) -> None:
+    assert vae_key(key, {"up_block_types": ["UpDecoderBlock2D"] * 4}) == ldm
+
+
+def test_staged_moves_into_place_and_refuses_existing(tmp_path: Path) -> None:
+    out = tmp_path / "o.txt"
+    with staged([out], force=False) as (tmp,):
+        assert tmp.parent == tmp_path and tmp.name.startswith(".o.txt.tmp-")
+        tmp.write_text("one")
+    assert out.read_text() == "one"
+    with pytest.raises(InvalidInput, match="already exists"), staged([out], force=False):
+        pass
+    with staged([out], force=True) as (tmp,):
+        tmp.write_text("two")
+    assert out.read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.txt"]
+
+
+def test_staged_failure_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "folder"
+    with pytest.raises(RuntimeError), staged([out], force=False) as (tmp,):
+        tmp.mkdir()
+        (tmp / "x").write_text("partial")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporaries_of_dead_processes_are_cleaned(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    dead = tmp_path / ".m.tmp-999999999-abcd"
+    dead.mkdir()
+    alive = tmp_path / f".m.tmp-{os.getppid()}-abcd"
+    alive.write_text("someone else's merge in progress")
+    other = tmp_path / ".n.tmp-999999999-abcd"
+    other.write_text("another output's")
+    assert clean_stale(out) == [dead]
+    assert alive.exists() and other.exists()
+
+
+def test_unwritable_destination_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="does not exist"), staged([tmp_path / "no" / "o"], force=False):
+        pass
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InvalidInput, match="not a folder"), staged([tmp_path / "file" / "o"], force=False):
+        pass
