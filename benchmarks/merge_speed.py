@@ -9,7 +9,7 @@ offline, and merge needs tokenizer and embedding to agree). The UNet file is SD 
 Each contender runs in its own subprocess, timed from after its imports to the end of the
 write, its peak RSS read with ``os.wait4``. Usage::
 
-    python benchmarks/merge_speed.py [--work /tmp/merge-bench] [--out benchmarks/results/merge_speed.json]
+    python benchmarks/merge_speed.py [--work /tmp/merge-bench] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -61,8 +61,13 @@ SD15_VAE: dict[str, Any] = {
     "norm_num_groups": 32,
     "sample_size": 512,
 }
-CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-          "num_attention_heads": 12, "max_position_embeddings": 77}  # fmt: skip
+CLIP_L = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+}
 
 
 def _write_random(path: Path, shapes: dict[str, tuple[int, ...]], seed: int) -> None:
@@ -96,9 +101,18 @@ def build_base(root: Path) -> Path:
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET)
         vae = AutoencoderKL(**SD15_VAE)
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **CLIP_L))  # type: ignore[arg-type]
-    parts = (("unet", unet, "diffusion_pytorch_model"), ("vae", vae, "diffusion_pytorch_model"),
-             ("text_encoder", text, "model"))  # fmt: skip
+        ids = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        config = CLIPTextConfig(vocab_size=len(tokenizer), **CLIP_L, **ids)
+        text = CLIPTextModel(config)  # type: ignore[arg-type]
+    parts = (
+        ("unet", unet, "diffusion_pytorch_model"),
+        ("vae", vae, "diffusion_pytorch_model"),
+        ("text_encoder", text, "model"),
+    )
     for i, (name, model, stem) in enumerate(parts):
         (base / name).mkdir(parents=True)
         if name == "text_encoder":
@@ -107,16 +121,20 @@ def build_base(root: Path) -> Path:
             model.save_config(str(base / name))
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         _write_random(base / name / f"{stem}.safetensors", shapes, seed=i)
-    PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  skip_prk_steps=True).save_config(str(base / "scheduler"))  # fmt: skip
+    PNDMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True
+    ).save_config(str(base / "scheduler"))
     index = {
         "_class_name": "StableDiffusionPipeline",
-        "feature_extractor": [None, None], "safety_checker": [None, None],
-        "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],
+        "feature_extractor": [None, None],
+        "safety_checker": [None, None],
+        "requires_safety_checker": False,
+        "scheduler": ["diffusers", "PNDMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-    }  # fmt: skip
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
     (base / "model_index.json").write_text(json.dumps(index, indent=2))
     return base
 
@@ -137,11 +155,21 @@ def build_registry(root: Path, base: Path, n: int) -> Path:
     for i in range(n):
         concept = f"c{i:02d}"
         rec = reg.reserve(concept, f"<{concept}>", "thing", "bench")
-        tensors = {up_key(t.name): 0.01 * torch.randn(t.out_features, 4, generator=gen)
-                   for t in layout.targets}  # fmt: skip
+        tensors = {
+            up_key(t.name): 0.01 * torch.randn(t.out_features, 4, generator=gen)
+            for t in layout.targets
+        }
         tensors[token_key(rec.token)] = 0.02 * torch.randn(1, layout.token_dim, generator=gen)
-        meta = AdapterMeta(concept, rec.slot, (rec.token,), "thing", 4, layout.scale,
-                           layout.layout_hash, layout.base_fingerprint)  # fmt: skip
+        meta = AdapterMeta(
+            concept,
+            rec.slot,
+            (rec.token,),
+            "thing",
+            4,
+            layout.scale,
+            layout.layout_hash,
+            layout.base_fingerprint,
+        )
         path = root / f"{concept}.safetensors"
         write_adapter(path, tensors, meta)
         reg.publish(concept, path, sha256_file(path))
@@ -182,8 +210,12 @@ print(json.dumps({"seconds": time.perf_counter() - t}))
 def run_child(code: str, *args: str) -> dict[str, float]:
     """Run ``code`` in a fresh interpreter; its reported seconds, wall time and peak RSS."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdout is not None and proc.stderr is not None
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -277,14 +309,20 @@ def main() -> None:
     peak = max(r["peak_rss_bytes"] for r in ours)
     result = {
         "what": "blockctl merge of N rank-4 concepts into an SD-1.5-shaped fp16 diffusers "
-                "pipeline (cross-kv preset), vs copying the UNet file and diffusers' "
-                "load_lora_weights xN + fuse_lora + save_pretrained",  # fmt: skip
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "platform": platform.platform()},  # fmt: skip
-        "base": {"unet_bytes": unet_bytes,
-                 "pipeline_bytes": sum(p.stat().st_size for p in base.rglob("*") if p.is_file()),
-                 "note": "random fp16 weights; SD 1.5 UNet/VAE configs; CLIP-L-sized text "
-                         "encoder with the toy tokenizer's vocabulary"},  # fmt: skip
+        "pipeline (cross-kv preset), vs copying the UNet file and diffusers' "
+        "load_lora_weights xN + fuse_lora + save_pretrained",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
+        "base": {
+            "unet_bytes": unet_bytes,
+            "pipeline_bytes": sum(p.stat().st_size for p in base.rglob("*") if p.is_file()),
+            "note": "random fp16 weights; SD 1.5 UNet/VAE configs; CLIP-L-sized text "
+            "encoder with the toy tokenizer's vocabulary",
+        },
         "concepts": args.concepts,
         "seconds": {
             "copy_unet_file": round(min(copies), 3),

@@ -139,9 +139,11 @@ class MergePlan:
     def delta(self, target: Target) -> torch.Tensor:
         """``Σ_s scale_s·B_s A_s`` (out×d, float32) as one matmul."""
         return blocks.merged_delta(
-            self.ups[target.name], self.bases[target.in_features], self.layout.rank,
+            self.ups[target.name],
+            self.bases[target.in_features],
+            self.layout.rank,
             self.slot_scales,
-        )  # fmt: skip
+        )
 
     def lora_factors(self, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` of the merged LoRA: ``A = [A_s; …]`` (|S|r×d) and
@@ -182,9 +184,14 @@ class MergePlan:
         return Entry(entry.key, _cast_dtype(entry.dtype, dtype), shape)
 
     def produce(
-        self, component: str, key: str, tensor: torch.Tensor, dtype: torch.dtype | None,
-        *, tokens: bool = True,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        component: str,
+        key: str,
+        tensor: torch.Tensor,
+        dtype: torch.dtype | None,
+        *,
+        tokens: bool = True,
+    ) -> torch.Tensor:
         out_dtype = _cast_dtype(tensor.dtype, dtype)
         # Bases saved by transformers 4 store text encoder keys under ``text_model.``.
         target = self.targets(component).get(canonical_module(key))
@@ -245,9 +252,14 @@ def plan_merge(
             raise ValidationFailed(f"adapter of {concept!r}: " + "; ".join(problems))
         adapters[concept] = adapter
         selected.append(
-            Selected(concept, adapter.meta.slot, tuple(adapter.meta.tokens),
-                     float(scales.get(concept, 1.0)), rec.sha256)
-        )  # fmt: skip
+            Selected(
+                concept,
+                adapter.meta.slot,
+                tuple(adapter.meta.tokens),
+                float(scales.get(concept, 1.0)),
+                rec.sha256,
+            )
+        )
     selected.sort(key=lambda s: s.slot)
     ups = {
         t.name: {s.slot: adapters[s.concept].up(t.name).to(torch.float32) for s in selected}
@@ -304,9 +316,14 @@ def merge(registry: Registry, concepts: Sequence[str], options: MergeOptions) ->
         notes = writer.write(plan, temps, options)
     size = sum(_size(p) for p in outputs)
     return MergeResult(
-        out=options.out, format=options.format, files=tuple(outputs), selected=plan.selected,
-        seconds=time.perf_counter() - start, bytes=size, notes=tuple(notes),
-    )  # fmt: skip
+        out=options.out,
+        format=options.format,
+        files=tuple(outputs),
+        selected=plan.selected,
+        seconds=time.perf_counter() - start,
+        bytes=size,
+        notes=tuple(notes),
+    )
 
 
 def _size(path: Path) -> int:

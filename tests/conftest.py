@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from blockctl.adapter import AdapterMeta, token_key, up_key, write_adapter
-from blockctl.layout import Layout, build_layout, layout_of
+from blockctl.initialize import init_registry
+from blockctl.layout import Layout, layout_of
 from registry import Registry, open_registry
 
 
@@ -27,14 +28,8 @@ def create_registry(
     location: Path, base: Path, *, slots: int = 4, rank: int = 2, preset: str = "cross-kv",
     text_encoder: bool = False,
 ) -> Registry:  # fmt: skip
-    basis = location.parent / f".{location.name}-basis.safetensors"
-    layout = build_layout(
-        str(base), base, preset=preset, text_encoder=text_encoder, slots=slots, rank=rank,
-        basis_path=basis,
-    )  # fmt: skip
     reg = open_registry(str(location))
-    reg.create(layout.to_dict(), basis)
-    basis.unlink()
+    init_registry(reg, str(base), slots=slots, rank=rank, preset=preset, text_encoder=text_encoder)
     return reg
 
 

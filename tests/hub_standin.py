@@ -471,14 +471,29 @@ def hub_registry(
     return HubRegistry(url, api=hub.api(token), state_dir=state_dir, options=opts)
 
 
-def tiny_layout(
-    base: Path, where: Path, *, slots: int = 4, rank: int = 2
-) -> tuple[dict[str, Any], Path]:
-    """A layout dict for the tiny base and its basis file (for ``Registry.create``)."""
-    from blockctl.layout import build_layout
+def tiny_layout(where: Path, *, slots: int = 4, rank: int = 2) -> tuple[dict[str, Any], Path]:
+    """A layout dict and its basis file for ``Registry.create``, made without a base model
+    (the backends never look at the base): two cross-attention targets of width 8 and 16."""
+    from blockctl import blocks
+    from blockctl.layout import Layout, Target, write_basis
 
+    targets = (
+        Target("unet.down.attn2.to_k", 8, 16),
+        Target("unet.down.attn2.to_v", 16, 16),
+    )
     basis = where / "basis.safetensors"
-    layout = build_layout(
-        str(base), base, preset="cross-kv", slots=slots, rank=rank, basis_path=basis
+    sha = write_basis(blocks.make_bases([t.in_features for t in targets], 0), basis)
+    layout = Layout(
+        base="fake-base",
+        base_fingerprint="f" * 64,
+        preset="cross-kv",
+        text_encoder=False,
+        targets=targets,
+        rank=rank,
+        slots=slots,
+        scale=1.0,
+        token_dim=8,
+        basis_seed=0,
+        basis_sha256=sha,
     )
     return layout.to_dict(), basis

@@ -48,9 +48,13 @@ def merge(
     from blockctl.merge import merge as run_merge
 
     options = MergeOptions(
-        out=out, format=fmt, dtype=dtype, scales=parse_scales(scale or []),
-        lora_keys=lora_keys, force=force,
-    )  # fmt: skip
+        out=out,
+        format=fmt,
+        dtype=dtype,
+        scales=parse_scales(scale or []),
+        lora_keys=lora_keys,
+        force=force,
+    )
     options.check()  # bad options fail before the registry is even opened
     result = run_merge(open_registry(ctx), list(concepts or []), options)
     if json_out:

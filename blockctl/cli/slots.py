@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import getpass
 import os
-import tempfile
-from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from blockctl.base_model import TOY, resolve_base
+from blockctl.base_model import TOY
 from blockctl.cli.common import JSON_OPTION, console, emit_json, open_registry, settings
-from blockctl.errors import InvalidInput
-from blockctl.layout import DEFAULT_PRESET, PRESETS, build_layout, layout_of
+from blockctl.initialize import init_registry
+from blockctl.layout import DEFAULT_PRESET, PRESETS, layout_of
 from blockctl.names import check_concept, check_token, check_word, default_token
 
 OWNER_ENV = "BLOCKCTL_OWNER"
@@ -46,24 +44,11 @@ def init(
 ) -> None:
     """Create a registry bound to one base model and slot layout."""
     reg = open_registry(ctx)
-    if reg.exists():  # fail before the slow part; create() enforces it again
-        raise InvalidInput(f"a registry already exists at {reg.location}")
-    base_dir = resolve_base(base)
-    with tempfile.TemporaryDirectory(prefix="blockctl-init-") as tmp:
-        basis_file = Path(tmp) / "basis.safetensors"
-        with console.status("Reading the base and drawing the basis…"):
-            layout = build_layout(
-                base,
-                base_dir,
-                preset=targets,
-                text_encoder=text_encoder,
-                slots=slots,
-                rank=rank,
-                scale=scale,
-                seed=seed,
-                basis_path=basis_file,
-            )
-        reg.create(layout.to_dict(), basis_file)
+    with console.status("Reading the base and drawing the basis…"):
+        layout = init_registry(
+            reg, base, preset=targets, text_encoder=text_encoder, slots=slots, rank=rank,
+            scale=scale, seed=seed,
+        )  # fmt: skip
     if json_out:
         emit_json({"registry": reg.location, "layout": layout.to_dict()})
         return

@@ -182,7 +182,7 @@ def write_single_file(plan: MergePlan, out: Path, dtype: torch.dtype | None) -> 
 
 def write_token_sidecar(plan: MergePlan, out: Path, dtype: torch.dtype | None, fmt: str) -> None:
     """One (1×dim) row per concept token, keyed by the token: load it with
-    ``pipe.load_textual_inversion(list(rows.values()), token=list(rows))``."""
+    ``pipe.load_textual_inversion([{tok: row} for tok, row in rows.items()])``."""
     from blockctl.layout import TOKEN_EMBEDDING_KEY
 
     base_dtype = plan.base.info("text_encoder", TOKEN_EMBEDDING_KEY).dtype

@@ -74,9 +74,7 @@ def test_file_formats(reg: Registry, tmp_path: Path, fmt: str, extra: list[str])
         (["rex", "--format", "lora", "--lora-keys", "a1111"], 2, "key style"),
     ],
 )
-def test_bad_input(
-    reg: Registry, tmp_path: Path, args: list[str], code: int, needle: str
-) -> None:
+def test_bad_input(reg: Registry, tmp_path: Path, args: list[str], code: int, needle: str) -> None:
     out = tmp_path / "o"
     got, text = run(reg, "merge", *args, "-o", str(out))
     assert got == code, text
@@ -91,7 +89,9 @@ def test_existing_out_needs_force(reg: Registry, tmp_path: Path) -> None:
     assert code == 2 and "already exists" in text
     assert json.loads((out / "blockctl_merge.json").read_text())["concepts"][0]["concept"] == "rex"
     assert run(reg, "merge", "tabby", "-o", str(out), "--force")[0] == 0
-    assert json.loads((out / "blockctl_merge.json").read_text())["concepts"][0]["concept"] == "tabby"
+    assert (
+        json.loads((out / "blockctl_merge.json").read_text())["concepts"][0]["concept"] == "tabby"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
@@ -115,8 +115,18 @@ def test_tampered_adapter_exit_4(tiny_base: Path, tmp_path: Path) -> None:
 
 def _start_paused_merge(reg: Registry, out: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, **{PAUSE_ENV: "60"})
-    cmd = [sys.executable, "-m", "blockctl", "--registry", reg.location, "merge", "rex", "tabby",
-           "-o", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "blockctl",
+        "--registry",
+        reg.location,
+        "merge",
+        "rex",
+        "tabby",
+        "-o",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     # Wait until the first weights file is in the temporary sibling: the writer then sleeps.

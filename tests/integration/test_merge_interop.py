@@ -15,7 +15,7 @@ from registry import Registry
 from tests.unit.test_merge import make_published
 
 pytest.importorskip("peft")
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (  # noqa: E402
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
     StableDiffusionPipeline,
 )
 
@@ -36,8 +36,11 @@ def merged(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     merge(reg, CONCEPTS, MergeOptions(out=outs["folder"], scales=scales))
     merge(reg, CONCEPTS, MergeOptions(out=outs["single"], format="single-file", scales=scales))
     merge(reg, CONCEPTS, MergeOptions(out=outs["lora"], format="lora", scales=scales))
-    merge(reg, CONCEPTS, MergeOptions(out=outs["kohya"], format="lora", lora_keys="kohya",
-                                      scales=scales))  # fmt: skip
+    merge(
+        reg,
+        CONCEPTS,
+        MergeOptions(out=outs["kohya"], format="lora", lora_keys="kohya", scales=scales),
+    )
     return outs | {"base": tiny_base}
 
 
@@ -72,9 +75,13 @@ def test_from_pretrained_loads_and_generates(folder_pipe: StableDiffusionPipelin
     vocab = folder_pipe.text_encoder.get_input_embeddings().weight.shape[0]
     assert vocab - 2 in ids and vocab - 1 in ids
     image = folder_pipe(
-        "a photo of <rex>", num_inference_steps=2, height=32, width=32, output_type="np",
+        "a photo of <rex>",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
         generator=torch.Generator().manual_seed(0),
-    ).images  # fmt: skip
+    ).images
     assert image.shape == (1, 32, 32, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
 
 
@@ -82,15 +89,18 @@ def test_from_single_file_equals_the_folder(
     merged: dict[str, Path], folder_pipe: StableDiffusionPipeline
 ) -> None:
     pipe = StableDiffusionPipeline.from_single_file(
-        str(merged["single"]), config=str(merged["base"]), local_files_only=True,
-        safety_checker=None, requires_safety_checker=False,
-    )  # fmt: skip
+        str(merged["single"]),
+        config=str(merged["base"]),
+        local_files_only=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
     for name in ("unet", "vae"):
         mine, theirs = getattr(folder_pipe, name).state_dict(), getattr(pipe, name).state_dict()
         assert mine.keys() == theirs.keys()
         assert all(torch.equal(mine[k], theirs[k]) for k in mine), name
     rows = load_file(str(merged["single"].with_name("merged.tokens.safetensors")))
-    pipe.load_textual_inversion(list(rows.values()), token=list(rows))
+    pipe.load_textual_inversion([{tok: row} for tok, row in rows.items()])
     prompt = "a <rex> with <tabby>"
     assert torch.allclose(_text_out(pipe, prompt), _text_out(folder_pipe, prompt), atol=1e-5)
 
@@ -106,6 +116,6 @@ def test_lora_on_the_base_matches_the_folder(
     assert (after - want).abs().max() <= 1e-4
     assert (before - want).abs().max() > 1e-3  # the LoRA really changed something
     rows = load_file(str(merged[kind].with_name(f"{kind}.tokens.safetensors")))
-    base.load_textual_inversion(list(rows.values()), token=list(rows))
+    base.load_textual_inversion([{tok: row} for tok, row in rows.items()])
     prompt = "a <tabby>"
     assert torch.allclose(_text_out(base, prompt), _text_out(folder_pipe, prompt), atol=1e-4)

@@ -25,9 +25,13 @@ CONCEPTS = ("rex", "tabby", "vangogh")
 
 
 def make_published(
-    root: Path, base: Path, concepts: Sequence[str] = CONCEPTS, *, text_encoder: bool = True,
+    root: Path,
+    base: Path,
+    concepts: Sequence[str] = CONCEPTS,
+    *,
+    text_encoder: bool = True,
     preset: str = "cross-kv",
-) -> Registry:  # fmt: skip
+) -> Registry:
     """A registry on ``base`` with every concept reserved and a random adapter published."""
     root.mkdir(parents=True, exist_ok=True)
     reg = create_registry(root / "reg", base, text_encoder=text_encoder, preset=preset)
@@ -52,7 +56,9 @@ def digest_tree(path: Path) -> str:
     return h.hexdigest()
 
 
-def expected_weight(reg: Registry, component: str, module: str, scales: dict[str, float]) -> torch.Tensor:
+def expected_weight(
+    reg: Registry, component: str, module: str, scales: dict[str, float]
+) -> torch.Tensor:
     """base + Σ scale·B A computed here in float64, slot by slot."""
     layout = layout_of(reg)
     base = BaseFolder(Path(layout.base))
@@ -85,8 +91,12 @@ def test_unchanged_files_are_copied_byte_for_byte(reg: Registry, tmp_path: Path)
     out = tmp_path / "merged"
     merge(reg, ["rex"], MergeOptions(out=out))
     base = Path(layout_of(reg).base)
-    for rel in ("vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
-                "model_index.json", "unet/config.json"):  # fmt: skip
+    for rel in (
+        "vae/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+        "model_index.json",
+        "unet/config.json",
+    ):
         assert (out / rel).read_bytes() == (base / rel).read_bytes(), rel
     assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".ckpt")]
 
@@ -183,7 +193,9 @@ def test_lora_file_keys_and_metadata(reg: Registry, tmp_path: Path) -> None:
     assert config["unet.r"] == config["unet.lora_alpha"] == 2 * layout.rank
     record = json.loads(meta["blockctl.merge"])
     assert [c["concept"] for c in record["concepts"]] == ["rex", "tabby"]
-    assert record["layout_hash"] == layout.layout_hash and all(c["sha256"] for c in record["concepts"])
+    assert record["layout_hash"] == layout.layout_hash and all(
+        c["sha256"] for c in record["concepts"]
+    )
     assert set(load_file(str(sidecar))) == {"<rex>", "<tabby>"}
     kohya = tmp_path / "k.safetensors"
     merge(reg, ["rex"], MergeOptions(out=kohya, format="lora", lora_keys="kohya"))
@@ -226,8 +238,9 @@ def test_tampered_adapter_is_refused(tiny_base: Path, tmp_path: Path) -> None:
 
 
 def test_attn_preset_without_text_encoder(tiny_base: Path, tmp_path: Path) -> None:
-    reg = make_published(tmp_path / "r", tiny_base, ("rex", "tabby"), text_encoder=False,
-                         preset="attn")  # fmt: skip
+    reg = make_published(
+        tmp_path / "r", tiny_base, ("rex", "tabby"), text_encoder=False, preset="attn"
+    )
     out = tmp_path / "m"
     merge(reg, ["rex", "tabby"], MergeOptions(out=out))
     assert check_merged(reg, out).ok

@@ -24,8 +24,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]
 @given(
     st.lists(
         st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 4), max_size=3)),
-        min_size=1, max_size=5,
-    )  # fmt: skip
+        min_size=1,
+        max_size=5,
+    )
 )
 def test_stream_writer_round_trips(specs: list[tuple[torch.dtype, list[int]]]) -> None:
     import tempfile
@@ -51,17 +52,28 @@ def test_stream_writer_round_trips(specs: list[tuple[torch.dtype, list[int]]]) -
 
 def test_stream_writer_refuses_wrong_order_shape_and_missing(tmp_path: Path) -> None:
     entries = [Entry("a", torch.float32, (2,)), Entry("b", torch.float32, (3,))]
-    with pytest.raises(ValueError, match="out of order"), StreamWriter(tmp_path / "1", entries) as w:
+    with (
+        pytest.raises(ValueError, match="out of order"),
+        StreamWriter(tmp_path / "1", entries) as w,
+    ):
         w.write("b", torch.zeros(3))
     with pytest.raises(ValueError, match="announced"), StreamWriter(tmp_path / "2", entries) as w:
         w.write("a", torch.zeros(3))
-    with pytest.raises(ValueError, match="never written"), StreamWriter(tmp_path / "3", entries) as w:
+    with (
+        pytest.raises(ValueError, match="never written"),
+        StreamWriter(tmp_path / "3", entries) as w,
+    ):
         w.write("a", torch.zeros(2))
 
 
 SD15_UNET = {
     "layers_per_block": 2,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "up_block_types": [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ],
 }
 
 
@@ -100,7 +112,10 @@ def test_unet_key_refuses_unknown_tensors() -> None:
 @pytest.mark.parametrize(
     ("key", "ldm"),
     [
-        ("encoder.down_blocks.1.resnets.0.conv_shortcut.weight", "encoder.down.1.block.0.nin_shortcut.weight"),
+        (
+            "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+            "encoder.down.1.block.0.nin_shortcut.weight",
+        ),
         ("encoder.down_blocks.2.downsamplers.0.conv.bias", "encoder.down.2.downsample.conv.bias"),
         ("decoder.up_blocks.0.resnets.2.conv1.weight", "decoder.up.3.block.2.conv1.weight"),
         ("decoder.up_blocks.1.upsamplers.0.conv.weight", "decoder.up.2.upsample.conv.weight"),
@@ -151,8 +166,14 @@ def test_stale_temporaries_of_dead_processes_are_cleaned(tmp_path: Path) -> None
 
 
 def test_unwritable_destination_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInput, match="does not exist"), staged([tmp_path / "no" / "o"], force=False):
+    with (
+        pytest.raises(InvalidInput, match="does not exist"),
+        staged([tmp_path / "no" / "o"], force=False),
+    ):
         pass
     (tmp_path / "file").write_text("x")
-    with pytest.raises(InvalidInput, match="not a folder"), staged([tmp_path / "file" / "o"], force=False):
+    with (
+        pytest.raises(InvalidInput, match="not a folder"),
+        staged([tmp_path / "file" / "o"], force=False),
+    ):
         pass

@@ -22,10 +22,8 @@ REPO = ("model", "acme/blocks")
 
 
 @pytest.fixture(scope="module")
-def layout(
-    tiny_base: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[dict[str, Any], Path]:
-    return tiny_layout(tiny_base, tmp_path_factory.mktemp("layout"))
+def layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    return tiny_layout(tmp_path_factory.mktemp("layout"))
 
 
 @pytest.fixture
@@ -119,9 +117,7 @@ def test_create_writes_the_documented_files(
     assert doc["format"] == "blockctl-registry" and doc["registry_schema_version"] == SCHEMA_VERSION
     assert doc["layout"] == layout[0]
     assert sha256_file(reg.basis_path()) == layout[0]["basis_sha256"]
-    assert [c.message for c in hub.history("dataset", "acme/blocks")][0] == (
-        "blockctl: create registry"
-    )
+    assert hub.history("dataset", "acme/blocks")[0].message == "blockctl: create registry"
 
 
 def test_create_refuses_existing_and_non_empty_repos(
@@ -147,7 +143,7 @@ def test_create_in_an_existing_plain_repo(
     assert reg.exists() and "README.md" in hub.tree(*REPO)
 
 
-# -- slots ------------------------------------------------------------------------------------------
+# -- slots --------------------------------------------------------------------------------------
 
 
 def test_reserve_lowest_free_and_requested_slots(reg: HubRegistry, hub: FakeHub) -> None:
@@ -252,7 +248,7 @@ def test_publish_refusals_change_nothing(
 ) -> None:
     path = adapter_factory(reg, "rex")
     before = hub.head(*REPO)
-    with pytest.raises(ValidationFailed, match="changed after validation"):
+    with pytest.raises(ValidationFailed, match="it was validated with"):
         reg.publish("rex", path, "0" * 64)
     with pytest.raises(SlotConflict, match="no reserved slot"):
         reg.publish("nobody", path, sha256_file(path))
@@ -265,7 +261,7 @@ def test_publish_refusals_change_nothing(
     assert hub.head(*REPO) == before
 
 
-# -- failures ---------------------------------------------------------------------------------------
+# -- failures -----------------------------------------------------------------------------------
 
 
 def unavailable(fn: Any, *args: Any) -> str:
@@ -352,6 +348,7 @@ def test_missing_branch(reg: HubRegistry, hub: FakeHub, tmp_path: Path) -> None:
 def test_reads_are_cached_by_blob(reg: HubRegistry, hub: FakeHub, tmp_path: Path) -> None:
     for i in range(3):
         reg.reserve(f"c{i}", f"<c{i}>", "dog", "me")
+    assert len(reg.slots()) == 3  # reads (and remembers) every record
     fresh = hub_registry(hub, tmp_path / "state", max_age_s=0.0)  # same state dir as ``reg``
     hub.calls.clear()
     assert len(fresh.slots()) == 3
