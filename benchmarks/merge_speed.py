@@ -61,7 +61,7 @@ SD15_VAE: dict[str, Any] = {
     "norm_num_groups": 32,
     "sample_size": 512,
 }
-CLIP_L = {
+CLIP_L: dict[str, Any] = {
     "hidden_size": 768,
     "intermediate_size": 3072,
     "num_hidden_layers": 12,
@@ -101,13 +101,14 @@ def build_base(root: Path) -> Path:
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET)
         vae = AutoencoderKL(**SD15_VAE)
-        ids = {
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        }
-        config = CLIPTextConfig(vocab_size=len(tokenizer), **CLIP_L, **ids)
-        text = CLIPTextModel(config)  # type: ignore[arg-type]
+        config = CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **CLIP_L,
+        )
+        text = CLIPTextModel(config)
     parts = (
         ("unet", unet, "diffusion_pytorch_model"),
         ("vae", vae, "diffusion_pytorch_model"),
@@ -254,7 +255,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/merge_speed.json")
     parser.add_argument("--concepts", type=int, default=15)
     parser.add_argument("--scaling", default="1,5,15,40,80")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -270,10 +271,11 @@ def main() -> None:
     unet_bytes = unet_file.stat().st_size
     warm(base)
 
-    copies = [timed_copy(unet_file, work / "copy.safetensors") for _ in range(args.repeats)]
-    folder_copies = [timed_copy(base, work / "copy-folder") for _ in range(args.repeats)]
-    ours = []
+    # Interleaved, best of each: the disk is shared, so conditions drift between runs.
+    copies, folder_copies, ours = [], [], []
     for _ in range(args.repeats):
+        copies.append(timed_copy(unet_file, work / "copy.safetensors"))
+        folder_copies.append(timed_copy(base, work / "copy-folder"))
         out = work / "blockctl-out"
         shutil.rmtree(out, ignore_errors=True)
         ours.append(run_child(_BLOCKCTL, str(reg_path), str(out), str(args.concepts)))

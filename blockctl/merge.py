@@ -202,6 +202,16 @@ class MergePlan:
             return torch.cat([tensor.to(torch.float32), *rows], dim=0).to(out_dtype)
         return tensor.to(out_dtype)
 
+    def passthrough(
+        self, component: str, entry: Entry, dtype: torch.dtype | None, *, tokens: bool = True
+    ) -> bool:
+        """Whether the tensor's bytes go out exactly as the base stores them."""
+        if canonical_module(entry.key) in self.targets(component):
+            return False
+        if tokens and self.token_rows_for(component, entry.key):
+            return False
+        return _cast_dtype(entry.dtype, dtype) == entry.dtype
+
     def changes(self, component: str) -> bool:
         """Whether any tensor of the component differs from the base (dtype aside)."""
         has_rows = component == "text_encoder" and bool(self.token_rows)

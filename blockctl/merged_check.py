@@ -165,8 +165,15 @@ def check_merged(registry: Registry, path: Path, tolerance: float | None = None)
         checked += 1
         if err >= errors.get(component, -1.0):
             errors[component], worst[component] = err, key
+    if output in ("single-file", "lora"):
+        token_err = _sidecar_error(path, record, expected)
+        if token_err is None:
+            problems.append("the concept-token sidecar (.tokens.safetensors) is missing")
+        else:
+            errors["tokens"], worst["tokens"] = token_err, "token rows"
     if not checked:
         problems.append("no tensors to compare")
+
     missing = sorted(set(expected.targets) - seen)
     if missing:
         problems.append(f"{len(missing)} target(s) missing, e.g. {'.'.join(missing[0])}")
@@ -178,6 +185,25 @@ def check_merged(registry: Registry, path: Path, tolerance: float | None = None)
 
 
 # (component, base key, merged tensor, base tensor, dtype the output stores it in)
+def _sidecar_error(path: Path, record: dict[str, Any], expected: _Expected) -> float | None:
+    from blockctl.formats.single_file import sidecar_path
+
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        return None
+    tokens = [t for item in record["concepts"] for t in item["tokens"]]
+    with safe_open(str(sidecar), framework="pt") as handle:
+        if sorted(handle.keys()) != sorted(tokens):
+            return float("inf")
+        return max(
+            (
+                _rel_error(handle.get_tensor(t), row)
+                for t, row in zip(tokens, expected.token_rows, strict=True)
+            ),
+            default=0.0,
+        )
+
+
 Pair = tuple[str, str, torch.Tensor, torch.Tensor, torch.dtype]
 
 

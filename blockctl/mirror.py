@@ -79,19 +79,26 @@ def mirror(source: Registry, target: Registry) -> MirrorReport:
                     f"{target.location}"
                 )
                 continue
+        old = tgt_adapters.get(rec.concept)
+        copy = (
+            adapter is not None
+            and (have is None or have.status != RELEASED)
+            and (old is None or old.sha256 != adapter[0].sha256)
+        )
+        if copy:  # checked before the target changes at all for this record
+            assert adapter is not None
+            _check_sha(adapter[1], adapter[0].sha256, f"adapter of {rec.concept!r}")
         if have is None:
             target.reserve(rec.concept, rec.token, rec.class_word, rec.owner, slot=rec.slot)
             reserved.append(rec.concept)
         elif rec.status == RESERVED and have.status != RESERVED:
             notes.append(f"{rec.concept}: {have.status} in the target, only reserved in the source")
         changed = have is None
-        if adapter is not None and (have is None or have.status != RELEASED):
-            old = tgt_adapters.get(rec.concept)
-            if old is None or old.sha256 != adapter[0].sha256:
-                _check_sha(adapter[1], adapter[0].sha256, f"adapter of {rec.concept!r}")
-                target.publish(rec.concept, adapter[1], adapter[0].sha256)
-                copied.append(rec.concept)
-                changed = True
+        if copy:
+            assert adapter is not None
+            target.publish(rec.concept, adapter[1], adapter[0].sha256)
+            copied.append(rec.concept)
+            changed = True
         if rec.status == RELEASED and (have is None or have.status != RELEASED):
             target.release(rec.concept)
             released.append(rec.concept)

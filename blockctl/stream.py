@@ -10,12 +10,12 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -74,15 +74,25 @@ class StreamWriter:
         self.path = path
         self._entries = list(entries)
         self._next = 0
-        self._fh: BinaryIO = path.open("xb")
-        self._fh.write(header_bytes(self._entries, metadata))
+        # Unbuffered, so ``copy`` can hand ranges to the kernel between our own writes.
+        self._fh: io.FileIO = io.FileIO(path, "xb")
+        self._write_all(header_bytes(self._entries, metadata))
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
+    def _expect(self, key: str) -> Entry:
         if self._next >= len(self._entries):
             raise ValueError(f"unexpected tensor {key!r}: every announced tensor was written")
         expected = self._entries[self._next]
         if key != expected.key:
             raise ValueError(f"tensor {key!r} written out of order (expected {expected.key!r})")
+        return expected
+
+    def _write_all(self, data: memoryview | bytes | bytearray) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[self._fh.write(view) or 0 :]
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        expected = self._expect(key)
         if tensor.dtype != expected.dtype or tuple(tensor.shape) != expected.shape:
             raise ValueError(
                 f"{key}: got {tensor.dtype}{list(tensor.shape)}, "
@@ -90,7 +100,28 @@ class StreamWriter:
             )
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         if flat.numel():
-            self._fh.write(flat.view(torch.uint8).numpy().data)
+            self._write_all(flat.view(torch.uint8).numpy().data)
+        self._next += 1
+
+    def copy(self, key: str, reader: TensorReader, source_key: str | None = None) -> None:
+        """Copy a tensor's bytes unchanged from ``reader`` (same dtype and element count; the
+        shape may differ, e.g. a 1×1 conv stored as a matrix). The kernel moves the bytes
+        (``copy_file_range``), so untouched tensors never pass through Python or RSS."""
+        expected = self._expect(key)
+        dtype, _, (offset, nbytes) = reader.span(source_key or key)
+        if dtype != expected.dtype or nbytes != expected.nbytes:
+            raise ValueError(f"{key}: source {dtype} of {nbytes} bytes does not match its entry")
+        done = 0
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(
+                    reader.fileno(), self._fh.fileno(), nbytes - done, offset + done
+                )
+                if n == 0:
+                    raise ValueError(f"{reader.path.name}: truncated data for {key!r}")
+                done += n
+        except OSError:  # no kernel copy across these filesystems: copy through memory
+            self._write_all(reader.read_bytes(offset + done, nbytes - done))
         self._next += 1
 
     def close(self) -> None:
@@ -150,19 +181,33 @@ class TensorReader:
         self._header = json.loads(self._fh.read(n))
         self._start = 8 + n
 
-    def get(self, key: str) -> torch.Tensor:
+    def keys_in_file_order(self) -> list[str]:
+        tensors = [k for k in self._header if k != "__metadata__"]
+        return sorted(tensors, key=lambda k: self._header[k]["data_offsets"][0])
+
+    def span(self, key: str) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
+        """dtype, shape and (absolute offset, byte length) of one tensor."""
         info = self._header.get(key)
         if key == "__metadata__" or not isinstance(info, dict):
             raise KeyError(f"{self.path.name} has no tensor {key!r}")
         begin, end = info["data_offsets"]
-        dtype, shape = CODE_DTYPES[info["dtype"]], tuple(info["shape"])
-        if end == begin:
+        return CODE_DTYPES[info["dtype"]], tuple(info["shape"]), (self._start + begin, end - begin)
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
+
+    def read_bytes(self, offset: int, nbytes: int) -> bytearray:
+        self._fh.seek(offset)
+        buf = bytearray(nbytes)
+        if self._fh.readinto(buf) != nbytes:
+            raise ValueError(f"{self.path.name}: truncated data at offset {offset}")
+        return buf
+
+    def get(self, key: str) -> torch.Tensor:
+        dtype, shape, (offset, nbytes) = self.span(key)
+        if not nbytes:
             return torch.empty(shape, dtype=dtype)
-        self._fh.seek(self._start + begin)
-        buf = bytearray(end - begin)
-        if self._fh.readinto(buf) != len(buf):
-            raise ValueError(f"{self.path.name}: truncated data for {key!r}")
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        return torch.frombuffer(self.read_bytes(offset, nbytes), dtype=dtype).reshape(shape)
 
     def close(self) -> None:
         self._fh.close()

@@ -151,6 +151,9 @@ class HubOptions:
     private: bool | None = None  # visibility of a repo that ``create`` makes (None: Hub default)
 
 
+DEFAULT_OPTIONS = HubOptions()  # what ``open_registry`` gets (tests patch in fast retries)
+
+
 def offline() -> bool:
     """huggingface_hub reads ``HF_HUB_OFFLINE`` once at import; honour a later change too."""
     env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
@@ -158,9 +161,10 @@ def offline() -> bool:
 
 
 def cache_root() -> Path:
-    base = os.environ.get(CACHE_ENV) or os.environ.get("XDG_CACHE_HOME")
-    root = Path(base) if base else Path.home() / ".cache"
-    return root / "blockctl" if not os.environ.get(CACHE_ENV) else root
+    """``$BLOCKCTL_CACHE_DIR``, else ``$XDG_CACHE_HOME/blockctl`` (``~/.cache/blockctl``)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "blockctl"
 
 
 @dataclass(frozen=True)
@@ -196,13 +200,13 @@ class HubRegistry(Registry):
         api: HubApi | None = None,
         state_dir: Path | None = None,
         options: HubOptions | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         self.url = location if isinstance(location, HubUrl) else parse_hub_url(location)
         self.location = str(self.url)
-        self.options = options or HubOptions()
+        self.options = options or DEFAULT_OPTIONS
         self._api = api
-        self._sleep = sleep
+        self._sleep = sleep or time.sleep
         self._state_file = (state_dir or cache_root() / "hub") / self._state_name()
         self._state: dict[str, Any] | None = None
         self._snap: _Snapshot | None = None

@@ -19,6 +19,8 @@ from blockctl.errors import InvalidInput
 
 PREFIX = "hf://"
 EXPECTED = "hf://[datasets/|models/]org/name[@revision]"
+# the same, without square brackets (the CLI's rich console reads those as markup)
+EXPECTED_WORDS = "hf://org/name or hf://datasets/org/name, optionally ending in @branch"
 DEFAULT_BRANCH = "main"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _PLURAL = {"model": "models", "dataset": "datasets"}
@@ -55,7 +57,7 @@ def parse_hub_url(location: str) -> HubUrl:
 
     def bad(why: str) -> InvalidInput:
         return InvalidInput(
-            f"bad Hub registry location {location!r}: {why}", hint=f"expected {EXPECTED}"
+            f"bad Hub registry location {location!r}: {why}", hint=f"expected {EXPECTED_WORDS}"
         )
 
     if not location.startswith(PREFIX):

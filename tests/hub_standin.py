@@ -29,7 +29,9 @@ import hashlib
 import io
 import itertools
 import os
+import random
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +109,7 @@ class FakeHub:
         self._fail: list[BaseException | int] = []
         self._before_commit: list[Callable[[], None]] = []
         self.commit_attempts = 0
+        self.latency_s = 0.0  # per call, outside the lock: lets concurrent clients interleave
 
     def api(self, token: str | None = "hf_writer") -> StandInApi:
         return StandInApi(self, token)
@@ -194,6 +197,8 @@ class FakeHub:
             return out
 
     def _pop_failure(self, call: str, url: str) -> None:
+        if self.latency_s:
+            time.sleep(self.latency_s * random.uniform(0.5, 1.5))
         with self.lock:
             self.calls.append(call)
             failure = self._fail.pop(0) if self._fail else None
@@ -222,7 +227,6 @@ class StandInApi:
     ) -> Repo:
         repo_type = repo_type or "model"
         url = _api_url(repo_type, repo_id, url_tail)
-        self.hub._pop_failure(f"{method} {url_tail}", url)
         perm = self.hub.tokens.get(self.token) if self.token else None
         if self.token and perm is None:
             _raise(401, url, method, message="Invalid credentials in Authorization header")
@@ -279,6 +283,7 @@ class StandInApi:
         self, repo_id: str, *, revision: str | None = None, repo_type: str | None = None, **_: Any
     ) -> ModelInfo | DatasetInfo:
         tail = f"revision/{revision}" if revision else ""
+        self.hub._pop_failure(f"GET {tail}", _api_url(repo_type or "model", repo_id, tail))
         with self.hub.lock:
             repo = self._repo(repo_id, repo_type, tail)
             commit = self._commit(repo, revision, _api_url(repo.repo_type, repo_id, tail))
@@ -296,6 +301,7 @@ class StandInApi:
         **_: Any,
     ) -> Iterable[RepoFile | RepoFolder]:
         tail = f"tree/{revision or 'main'}"
+        self.hub._pop_failure(f"GET {tail}", _api_url(repo_type or "model", repo_id, tail))
         with self.hub.lock:
             repo = self._repo(repo_id, repo_type, tail)
             tree = self._commit(repo, revision, _api_url(repo.repo_type, repo_id, tail)).tree
@@ -348,6 +354,7 @@ class StandInApi:
             hook()
         branch = revision or "main"
         tail = f"commit/{branch}"
+        self.hub._pop_failure(f"POST {tail}", _api_url(repo_type or "model", repo_id, tail))
         with self.hub.lock:
             self.hub.commit_attempts += 1
             repo = self._repo(repo_id, repo_type, tail, write=True, method="POST")
@@ -410,6 +417,7 @@ class StandInApi:
                 local_files_only=True,
             )
         tail = f"resolve/{revision or 'main'}/{filename}"
+        self.hub._pop_failure(f"HEAD {tail}", _api_url(repo_type, repo_id, tail))
         with self.hub.lock:
             repo = self._repo(repo_id, repo_type, tail, method="HEAD")
             url = f"{ENDPOINT}/{'' if repo_type == 'model' else repo_type + 's/'}{repo_id}/{tail}"

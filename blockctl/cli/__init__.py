@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 import typer
+from rich.markup import escape
 from typer._click import Context as _ClickContext  # typer >= 0.29 vendors click
 from typer.core import TyperGroup
 
@@ -34,9 +35,9 @@ class _ErrorMappingGroup(TyperGroup):
         except BlockctlError as exc:
             if _debug():
                 raise
-            err_console.print(f"[bold red]Error:[/] {exc.message}", highlight=False, markup=True)
+            err_console.print(f"[bold red]Error:[/] {escape(exc.message)}", highlight=False)
             if exc.hint:
-                err_console.print(f"[dim]hint:[/] {exc.hint}", highlight=False)
+                err_console.print(f"[dim]hint:[/] {escape(exc.hint)}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("Interrupted.")
@@ -45,7 +46,7 @@ class _ErrorMappingGroup(TyperGroup):
             if _debug():
                 raise
             err_console.print(
-                f"[bold red]Unexpected error:[/] {type(exc).__name__}: {exc}\n"
+                f"[bold red]Unexpected error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
                 "[dim]Run with BLOCKCTL_DEBUG=1 for the traceback.[/]",
                 highlight=False,
             )

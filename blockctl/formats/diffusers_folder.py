@@ -19,7 +19,7 @@ from blockctl.errors import InvalidInput
 from blockctl.formats import pause_mid_write
 from blockctl.layout import TOKEN_EMBEDDING_KEY
 from blockctl.merge import parse_dtype
-from blockctl.stream import StreamWriter, iter_tensors, read_entries
+from blockctl.stream import StreamWriter, TensorReader, read_entries
 
 if TYPE_CHECKING:
     from blockctl.merge import MergeOptions, MergePlan
@@ -72,15 +72,20 @@ def write_folder(plan: MergePlan, src: Path, dst: Path, dtype: torch.dtype | Non
 def _write_weights(
     plan: MergePlan, component: str, src: Path, dst: Path, dtype: torch.dtype | None
 ) -> None:
-    entries = read_entries(src)
-    out_entries = [plan.out_entry(component, e, dtype) for e in entries]
-    if out_entries == entries and not plan.changes(component):
-        shutil.copyfile(src, dst)  # same tensors, same dtypes: the bytes are the base's
+    entries = {e.key: e for e in read_entries(src)}
+    if all(plan.passthrough(component, e, dtype) for e in entries.values()):
+        shutil.copyfile(src, dst)  # nothing changes: the bytes are the base's
         return
-    keys = [e.key for e in entries]
-    with StreamWriter(dst, out_entries, plan.metadata("diffusers", dtype)) as writer:
-        for key, tensor in iter_tensors(src, keys):
-            writer.write(key, plan.produce(component, key, tensor, dtype))
+    with TensorReader(src) as reader:
+        # The base's own data order, so the untouched runs are copied in file order.
+        order = reader.keys_in_file_order()
+        out_entries = [plan.out_entry(component, entries[k], dtype) for k in order]
+        with StreamWriter(dst, out_entries, plan.metadata("diffusers", dtype)) as writer:
+            for key in order:
+                if plan.passthrough(component, entries[key], dtype):
+                    writer.copy(key, reader)
+                else:
+                    writer.write(key, plan.produce(component, key, reader.get(key), dtype))
 
 
 def _write_text_config(plan: MergePlan, src: Path, dst: Path, dtype: torch.dtype | None) -> None:

@@ -152,8 +152,8 @@ WRITER = SingleFile()
 
 
 def write_single_file(plan: MergePlan, out: Path, dtype: torch.dtype | None) -> None:
-    # (ldm key, component, source file, diffusers key, out entry)
-    rows: list[tuple[str, str, Path, str, Entry]] = []
+    # (original-layout key, component, source file, source entry, out entry)
+    rows: list[tuple[str, str, Path, Entry, Entry]] = []
     for component in COMPONENTS:
         mapper = key_mapper(plan.base, component)
         for file in plan.base.weight_files(component):
@@ -162,7 +162,7 @@ def write_single_file(plan: MergePlan, out: Path, dtype: torch.dtype | None) -> 
                 e = plan.out_entry(component, entry, dtype, tokens=False)
                 if component == "vae" and is_vae_attention_weight(ldm, e.shape):
                     e = Entry(e.key, e.dtype, (*e.shape, 1, 1))
-                rows.append((ldm, component, file, entry.key, Entry(ldm, e.dtype, e.shape)))
+                rows.append((ldm, component, file, entry, Entry(ldm, e.dtype, e.shape)))
     rows.sort(key=lambda r: r[0])
     if len({r[0] for r in rows}) != len(rows):
         raise InvalidInput("two base tensors map to the same original-layout key")
@@ -171,11 +171,16 @@ def write_single_file(plan: MergePlan, out: Path, dtype: torch.dtype | None) -> 
         writer = stack.enter_context(
             StreamWriter(out, [r[4] for r in rows], plan.metadata("single-file", dtype))
         )
-        for i, (ldm, component, file, key, entry) in enumerate(rows):
+        for i, (ldm, component, file, src, entry) in enumerate(rows):
             if file not in readers:
                 readers[file] = stack.enter_context(TensorReader(file))
-            tensor = plan.produce(component, key, readers[file].get(key), dtype, tokens=False)
-            writer.write(ldm, tensor.reshape(entry.shape))
+            if plan.passthrough(component, src, dtype, tokens=False):
+                writer.copy(ldm, readers[file], src.key)  # same bytes, maybe a new shape
+            else:
+                got = plan.produce(
+                    component, src.key, readers[file].get(src.key), dtype, tokens=False
+                )
+                writer.write(ldm, got.reshape(entry.shape))
             if i == 0:
                 pause_mid_write()
 

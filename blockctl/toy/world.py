@@ -176,7 +176,9 @@ def random_scene(rng: np.random.Generator, allow_held_out: bool = False) -> Scen
     shown_color: str | None = color
     if form in (2, 3) and rng.random() < 0.3:
         shown_color = None  # "a photo of a star": any color will do
-    return Scene(color, shape, background, cx, cy, r, caption_for(shown_color, shape, background, form))
+    return Scene(
+        color, shape, background, cx, cy, r, caption_for(shown_color, shape, background, form)
+    )
 
 
 def render_scene(scene: Scene, rng: np.random.Generator) -> np.ndarray:
@@ -188,9 +190,7 @@ def render_scene(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def sample_batch(
-    n: int, seed: int, allow_held_out: bool = False
-) -> tuple[np.ndarray, list[Scene]]:
+def sample_batch(n: int, seed: int, allow_held_out: bool = False) -> tuple[np.ndarray, list[Scene]]:
     """``n`` images (uint8 NxHxWx3) and their scenes, deterministic in ``seed``."""
     rng = np.random.default_rng(seed)
     scenes = [random_scene(rng, allow_held_out) for _ in range(n)]

@@ -272,7 +272,10 @@ def _checkpoint_for(
                 f"note: starting afresh; existing checkpoints in {request.out_dir} are replaced "
                 "(pass --resume to continue them)"
             )
-            checkpoint.clear(request.out_dir)
+            from accelerate import PartialState
+
+            if PartialState().is_main_process:  # one process deletes; the others only read
+                checkpoint.clear(request.out_dir)
         return None
     if found is None:
         say(f"note: no checkpoint in {request.out_dir}; starting from step 0")

@@ -249,3 +249,14 @@ def test_attn_preset_without_text_encoder(tiny_base: Path, tmp_path: Path) -> No
     # Only the token embedding changes: the other text encoder tensors keep their bytes' values.
     got, want = load_file(str(out / te)), load_file(str(base / te))
     assert all(torch.equal(got[k], v) for k, v in want.items() if "token_embedding" not in k)
+
+
+def test_verify_merged_checks_the_token_sidecar(reg: Registry, tmp_path: Path) -> None:
+    out = tmp_path / "l.safetensors"
+    merge(reg, ["tabby"], MergeOptions(out=out, format="lora"))
+    report = check_merged(reg, out)
+    assert report.ok and report.errors["tokens"] == 0.0
+    (tmp_path / "l.tokens.safetensors").unlink()
+    assert "sidecar" in " ".join(check_merged(reg, out).problems)
+    with pytest.raises(InvalidInput, match="not a blockctl merge output"):
+        check_merged(reg, reg.basis_path())

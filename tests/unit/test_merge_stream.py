@@ -177,3 +177,31 @@ def test_unwritable_destination_is_a_clear_error(tmp_path: Path) -> None:
         staged([tmp_path / "file" / "o"], force=False),
     ):
         pass
+
+
+def test_copy_moves_bytes_unchanged_and_checks_sizes(tmp_path: Path) -> None:
+    from blockctl.stream import TensorReader
+
+    src = tmp_path / "src.safetensors"
+    tensors = {"a": torch.arange(6, dtype=torch.float16).reshape(2, 3), "b": torch.ones(4)}
+    entries = [Entry(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    with StreamWriter(src, entries) as writer:
+        for k, v in tensors.items():
+            writer.write(k, v)
+    dst = tmp_path / "dst.safetensors"
+    out = [Entry("b", torch.float32, (4,)), Entry("a2", torch.float16, (6, 1))]
+    with TensorReader(src) as reader, StreamWriter(dst, out) as writer:
+        assert reader.keys_in_file_order() == ["a", "b"]
+        writer.copy("b", reader)
+        writer.copy("a2", reader, "a")  # same bytes under a new name and shape
+    back = load_file(str(dst))
+    assert torch.equal(back["a2"].reshape(2, 3), tensors["a"]) and torch.equal(
+        back["b"], tensors["b"]
+    )
+    bad = [Entry("a", torch.float32, (6,))]
+    with (
+        pytest.raises(ValueError, match="does not match"),
+        TensorReader(src) as reader,
+        StreamWriter(tmp_path / "bad.safetensors", bad) as writer,
+    ):
+        writer.copy("a", reader)

@@ -85,8 +85,11 @@ def adapter(tmp_path: Path) -> tuple[Path, str]:
 
 
 def test_open_registry_dispatch_creates_nothing(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInput, match="not supported yet"):
-        open_registry("hf://org/name")
+    from registry.hub import HubRegistry
+
+    assert isinstance(open_registry("hf://org/name"), HubRegistry)  # lazy: no network
+    with pytest.raises(InvalidInput, match="bad Hub registry location"):
+        open_registry("hf://org")
     where = tmp_path / "nowhere" / "reg"
     r = open_registry(str(where))
     assert isinstance(r, LocalRegistry)

@@ -1,0 +1,106 @@
+"""Sample a grid of images from a pipeline folder: one row per prompt, ``n`` seeds per row.
+
+Reusable by commands that modify the pipeline first (e.g. merged adapters): load with
+``load_pipeline``, change it, then pass it as ``pipe=``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+from blockctl.errors import InvalidInput
+
+CAPTION_H = 12
+
+
+def default_model() -> Path:
+    from blockctl.toy import weights_path
+
+    return weights_path()
+
+
+def load_pipeline(model_dir: str | Path | None = None, device: str = "cpu") -> Any:
+    """A StableDiffusionPipeline in float32 from a local folder (offline; no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as dlog
+
+    dlog.set_verbosity_error()  # loading chatter would drown the command's own output
+    dlog.disable_progress_bar()
+    from transformers.utils import logging as tlog
+
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    path = Path(model_dir) if model_dir is not None else default_model()
+    if not (path / "model_index.json").is_file():
+        raise InvalidInput(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        path,
+        local_files_only=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+        dtype=torch.float32,  # fp16 on CPU is slow and lossy
+    )
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(
+    pipe: Any,
+    prompts: Sequence[str],
+    seed: int = 0,
+    steps: int = 20,
+    guidance: float = 4.0,
+    n: int = 4,
+) -> list[list[Image.Image]]:
+    """``n`` images per prompt; image j of every prompt uses seed ``seed + j`` so rows compare."""
+    if not prompts:
+        raise InvalidInput("give at least one prompt")
+    if n <= 0 or steps <= 0:
+        raise InvalidInput("--n and --steps must be positive")
+    if guidance < 0:
+        raise InvalidInput("--guidance must not be negative")
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    gens = [torch.Generator().manual_seed(seed + j) for _ in prompts for j in range(n)]
+    out = pipe(
+        [p for p in prompts for _ in range(n)],
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=gens,
+    ).images
+    return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def make_grid(rows: list[list[Image.Image]], captions: Sequence[str]) -> Image.Image:
+    """Rows of images, each with its caption in a strip above it."""
+    w, h = rows[0][0].size
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (cols * w, len(rows) * (h + CAPTION_H)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (row, cap) in enumerate(zip(rows, captions, strict=True)):
+        y = i * (h + CAPTION_H)
+        draw.text((2, y), cap[: cols * w // 6], fill="black")
+        for j, im in enumerate(row):
+            grid.paste(im, (j * w, y + CAPTION_H))
+    return grid
+
+
+def sample(
+    model_dir: str | Path | None,
+    prompts: Sequence[str],
+    seed: int = 0,
+    steps: int = 20,
+    guidance: float = 4.0,
+    n: int = 4,
+    pipe: Any = None,
+) -> Image.Image:
+    """A captioned grid: one row per prompt, ``n`` seeds per row."""
+    pipe = pipe if pipe is not None else load_pipeline(model_dir)
+    return make_grid(generate(pipe, prompts, seed, steps, guidance, n), prompts)
