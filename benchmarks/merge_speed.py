@@ -7,7 +7,7 @@ vocabulary is the toy tokenizer's (~500 tokens instead of 49408: we have no SD v
 offline, and merge needs tokenizer and embedding to agree). The UNet file is SD 1.5's 1.7 GB.
 
 Each contender runs in its own subprocess, timed from after its imports to the end of the
-write, its peak RSS read with ``os.wait4``. Usage::
+write, its peak RSS read from its own /proc/self/status (VmHWM). Usage::
 
     python benchmarks/merge_speed.py [--work /tmp/merge-bench] [--repeats 2]
 """
@@ -178,7 +178,16 @@ def build_registry(root: Path, base: Path, n: int) -> Path:
     return where
 
 
-_BLOCKCTL = """
+_HWM = """
+def hwm():  # this process's own peak RSS; ru_maxrss would include the forking parent's
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+"""
+
+_BLOCKCTL = (
+    _HWM
+    + """
 import json, sys, time
 from pathlib import Path
 from blockctl.merge import MergeOptions, merge
@@ -186,10 +195,13 @@ from registry import open_registry
 reg, out, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 t = time.perf_counter()
 merge(open_registry(reg), [f"c{i:02d}" for i in range(n)], MergeOptions(out=out))
-print(json.dumps({"seconds": time.perf_counter() - t}))
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_bytes": hwm()}))
 """
+)
 
-_DIFFUSERS = """
+_DIFFUSERS = (
+    _HWM
+    + """
 import json, sys, time
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
@@ -204,12 +216,13 @@ for i, path in enumerate(loras):
 pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
 pipe.unload_lora_weights()
 pipe.save_pretrained(out, safe_serialization=True)
-print(json.dumps({"seconds": time.perf_counter() - t}))
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_bytes": hwm()}))
 """
+)
 
 
 def run_child(code: str, *args: str) -> dict[str, float]:
-    """Run ``code`` in a fresh interpreter; its reported seconds, wall time and peak RSS."""
+    """Run ``code`` in a fresh interpreter: the seconds and peak RSS it reports, and wall time."""
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-c", code, *args],
@@ -217,15 +230,11 @@ def run_child(code: str, *args: str) -> dict[str, float]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    assert proc.stdout is not None and proc.stderr is not None
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+    out, err = (b.decode() for b in proc.communicate())
     if proc.returncode != 0:
         raise RuntimeError(f"child failed ({proc.returncode}):\n{err[-3000:]}")
     report = json.loads(out.strip().splitlines()[-1])
     report["wall_with_imports"] = time.perf_counter() - start
-    report["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
     return report
 
 

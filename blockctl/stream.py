@@ -26,6 +26,7 @@ DTYPE_CODES: dict[torch.dtype, str] = {
     torch.uint8: "U8", torch.bool: "BOOL",
 }  # fmt: skip
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+_CHUNK = 64 << 20  # fallback copy buffer: bounded, whatever the run length
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class StreamWriter:
         self.path = path
         self._entries = list(entries)
         self._next = 0
+        self._run: tuple[TensorReader, int, int] | None = None  # pending kernel copy
         # Unbuffered, so ``copy`` can hand ranges to the kernel between our own writes.
         self._fh: io.FileIO = io.FileIO(path, "xb")
         self._write_all(header_bytes(self._entries, metadata))
@@ -92,6 +94,7 @@ class StreamWriter:
             view = view[self._fh.write(view) or 0 :]
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
+        self._flush_run()
         expected = self._expect(key)
         if tensor.dtype != expected.dtype or tuple(tensor.shape) != expected.shape:
             raise ValueError(
@@ -105,12 +108,26 @@ class StreamWriter:
 
     def copy(self, key: str, reader: TensorReader, source_key: str | None = None) -> None:
         """Copy a tensor's bytes unchanged from ``reader`` (same dtype and element count; the
-        shape may differ, e.g. a 1×1 conv stored as a matrix). The kernel moves the bytes
-        (``copy_file_range``), so untouched tensors never pass through Python or RSS."""
+        shape may differ, e.g. a 1×1 conv stored as a matrix). Runs of tensors adjacent in the
+        source are copied at once by the kernel (``copy_file_range``), so untouched tensors
+        never pass through Python or count in RSS."""
         expected = self._expect(key)
         dtype, _, (offset, nbytes) = reader.span(source_key or key)
         if dtype != expected.dtype or nbytes != expected.nbytes:
             raise ValueError(f"{key}: source {dtype} of {nbytes} bytes does not match its entry")
+        run = self._run
+        if run is not None and run[0] is reader and run[1] + run[2] == offset:
+            self._run = (reader, run[1], run[2] + nbytes)
+        else:
+            self._flush_run()
+            self._run = (reader, offset, nbytes)
+        self._next += 1
+
+    def _flush_run(self) -> None:
+        if self._run is None:
+            return
+        reader, offset, nbytes = self._run
+        self._run = None
         done = 0
         try:
             while done < nbytes:
@@ -118,22 +135,26 @@ class StreamWriter:
                     reader.fileno(), self._fh.fileno(), nbytes - done, offset + done
                 )
                 if n == 0:
-                    raise ValueError(f"{reader.path.name}: truncated data for {key!r}")
+                    raise ValueError(f"{reader.path.name}: truncated tensor data")
                 done += n
-        except OSError:  # no kernel copy across these filesystems: copy through memory
-            self._write_all(reader.read_bytes(offset + done, nbytes - done))
-        self._next += 1
+        except OSError:  # no kernel copy between these filesystems: copy through memory
+            for start in range(offset + done, offset + nbytes, _CHUNK):
+                self._write_all(reader.read_bytes(start, min(_CHUNK, offset + nbytes - start)))
 
     def close(self) -> None:
         """Finish the file; an incomplete file is an error (the caller discards it)."""
         if self._fh.closed:
             return
-        self._fh.close()
+        try:
+            self._flush_run()
+        finally:
+            self._fh.close()
         if self._next != len(self._entries):
             missing = self._entries[self._next].key
             raise ValueError(f"{self.path.name}: {missing!r} and later tensors were never written")
 
     def abort(self) -> None:
+        self._run = None
         self._fh.close()
 
     def __enter__(self) -> StreamWriter:

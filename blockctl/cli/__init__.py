@@ -94,15 +94,11 @@ def _root(
 
 
 def _register_commands() -> None:
-    from blockctl.cli import adapters, evaluate, merge, mirror, slots, train
+    from blockctl.cli import adapters, evaluate, merge, mirror, slots, toy, train
 
-    for module in (adapters, slots, train, evaluate, merge, mirror):
+    # Registration order is the order --help lists them: the story from setup to results.
+    for module in (slots, adapters, train, merge, evaluate, mirror, toy):
         module.register(app)
-    try:  # TODO(lead): drop the guard once blockctl/cli/toy.py lands
-        from blockctl.cli import toy  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    toy.register(app)
 
 
 _register_commands()

@@ -41,8 +41,7 @@ def merge(
 ) -> None:
     """Merge published concepts into one model: W' = W + Σ scale·B_s A_s per target.
 
-    The output is written to a temporary sibling and renamed into place, so an interrupted
-    merge leaves nothing behind. The same inputs always give the same bytes.
+    Written atomically (a temporary sibling, then a rename); same inputs, same bytes.
     """
     from blockctl.merge import MergeOptions, parse_scales
     from blockctl.merge import merge as run_merge

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -101,26 +102,56 @@ def _write_text_config(plan: MergePlan, src: Path, dst: Path, dtype: torch.dtype
 
 
 def _write_tokenizer(plan: MergePlan, src: Path, dst: Path) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     rows = plan.base.info("text_encoder", TOKEN_EMBEDDING_KEY).shape[0]
-    if len(tokenizer) != rows:
-        raise InvalidInput(
-            f"the base's tokenizer has {len(tokenizer)} tokens but its text encoder has {rows} "
-            "embedding rows; cannot place the concept tokens"
-        )
     tokens = [tok for tok, _ in plan.token_rows]
-    taken = [tok for tok in tokens if tok in tokenizer.get_vocab()]
-    if taken:
-        raise InvalidInput(f"token(s) already in the base's vocabulary: {', '.join(taken)}")
-    tokenizer.add_tokens(tokens)
-    ids = tokenizer.convert_tokens_to_ids(tokens)
-    if ids != list(range(rows, rows + len(tokens))):
-        raise InvalidInput(f"the tokenizer gave the concept tokens ids {ids}, not new ones")
     dst.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(dst))
-    # Keep the classic vocab.json/merges.txt for tools that read tokenizers the old way.
+    if (src / "tokenizer.json").is_file():
+        # The tokenizers library edits tokenizer.json directly: what add_tokens does inside
+        # transformers, without paying seconds to import transformers.
+        _add_to_tokenizer_json(src / "tokenizer.json", dst / "tokenizer.json", tokens, rows)
+    else:  # only vocab.json/merges.txt (e.g. SD 1.5 as published): let transformers build it
+        _add_with_transformers(src, dst, tokens, rows)
+    # Everything else (config, vocab.json/merges.txt for old-style readers) stays as it was.
     for path in sorted(src.iterdir()):
         if path.is_file() and not (dst / path.name).exists() and path.suffix not in _PICKLES:
             shutil.copyfile(path, dst / path.name)
+
+
+def _check_ids(ids: Sequence[int | None], tokens: list[str], rows: int, size: int) -> None:
+    if size != rows:
+        raise InvalidInput(
+            f"the base's tokenizer has {size} tokens but its text encoder has {rows} "
+            "embedding rows; cannot place the concept tokens"
+        )
+    if ids != list(range(rows, rows + len(tokens))):
+        raise InvalidInput(f"the tokenizer gave the concept tokens ids {ids}, not new ones")
+
+
+def _taken(vocab: dict[str, int], tokens: list[str]) -> None:
+    taken = [tok for tok in tokens if tok in vocab]
+    if taken:
+        raise InvalidInput(f"token(s) already in the base's vocabulary: {', '.join(taken)}")
+
+
+def _add_to_tokenizer_json(src: Path, dst: Path, tokens: list[str], rows: int) -> None:
+    from tokenizers import AddedToken, Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(src))
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    _taken(tokenizer.get_vocab(with_added_tokens=True), tokens)
+    # transformers' add_tokens(str) makes exactly these: normalized, not special.
+    tokenizer.add_tokens([AddedToken(t, normalized=True, special=False) for t in tokens])
+    _check_ids([tokenizer.token_to_id(t) for t in tokens], tokens, rows, size)
+    tokenizer.save(str(dst))
+
+
+def _add_with_transformers(src: Path, dst: Path, tokens: list[str], rows: int) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    size = len(tokenizer)
+    _taken(tokenizer.get_vocab(), tokens)
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    _check_ids(ids if isinstance(ids, list) else [ids], tokens, rows, size)
+    tokenizer.save_pretrained(str(dst))

@@ -167,13 +167,14 @@ def write_single_file(plan: MergePlan, out: Path, dtype: torch.dtype | None) -> 
     if len({r[0] for r in rows}) != len(rows):
         raise InvalidInput("two base tensors map to the same original-layout key")
     with contextlib.ExitStack() as stack:
-        readers: dict[Path, TensorReader] = {}
+        # Readers first: the writer, closed before them, may still be copying from them.
+        readers = {
+            f: stack.enter_context(TensorReader(f)) for f in dict.fromkeys(r[2] for r in rows)
+        }
         writer = stack.enter_context(
             StreamWriter(out, [r[4] for r in rows], plan.metadata("single-file", dtype))
         )
         for i, (ldm, component, file, src, entry) in enumerate(rows):
-            if file not in readers:
-                readers[file] = stack.enter_context(TensorReader(file))
             if plan.passthrough(component, src, dtype, tokens=False):
                 writer.copy(ldm, readers[file], src.key)  # same bytes, maybe a new shape
             else:

@@ -46,6 +46,7 @@ class PretrainConfig:
     cfg_drop: float = 0.1  # empty captions, so classifier-free guidance has an unconditional
     ema: float = 0.999
     workers: int = 0
+    measure_n: int = 512  # images used to measure the latent std
     seed: int = 0
 
 
@@ -134,7 +135,7 @@ def train_vae(pipe: Any, cfg: PretrainConfig, budget_s: float) -> float:
         prog.tick(step, loss.detach())
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        images, _ = sample_batch(512, seed=cfg.seed + 99)
+        images, _ = sample_batch(cfg.measure_n, seed=cfg.seed + 99)
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(cfg.device) / 127.5 - 1
         z = vae.encode(x).latent_dist.sample()
         err = float((vae.decode(z).sample - x).abs().mean())

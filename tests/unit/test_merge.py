@@ -260,3 +260,21 @@ def test_verify_merged_checks_the_token_sidecar(reg: Registry, tmp_path: Path) -
     assert "sidecar" in " ".join(check_merged(reg, out).problems)
     with pytest.raises(InvalidInput, match="not a blockctl merge output"):
         check_merged(reg, reg.basis_path())
+
+
+def test_tokenizer_without_tokenizer_json(tiny_base: Path, tmp_path: Path) -> None:
+    """Bases published with only vocab.json/merges.txt (like SD 1.5) go through transformers."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    (base / "tokenizer" / "tokenizer.json").unlink()
+    reg = make_published(tmp_path / "r", base, ("rex", "tabby"), text_encoder=False)
+    out = tmp_path / "m"
+    merge(reg, ["tabby", "rex"], MergeOptions(out=out))
+    tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    rows = BaseFolder(base).info("text_encoder", "embeddings.token_embedding.weight").shape[0]
+    assert tok.convert_tokens_to_ids(["<rex>", "<tabby>"]) == [rows, rows + 1]
+    assert len(tok("a <rex> b").input_ids) == len(tok("a x b").input_ids)

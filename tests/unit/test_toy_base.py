@@ -14,9 +14,7 @@ from blockctl.toy import weights_path
 @pytest.fixture(scope="module")
 def pipe() -> StableDiffusionPipeline:
     path = weights_path()
-    return StableDiffusionPipeline.from_pretrained(
-        path, local_files_only=True, dtype=torch.float32
-    )
+    return StableDiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=torch.float32)
 
 
 def test_weights_are_small_safetensors_only() -> None:
