@@ -350,7 +350,7 @@ def main() -> None:
             "blockctl_bytes": peak,
             "blockctl_vs_unet_file": round(peak / unet_bytes, 3),
             "diffusers_bytes": theirs["peak_rss_bytes"],
-            "note": "whole-process peak (ru_maxrss), Python + torch + transformers included",
+            "note": "whole-process peak (VmHWM of the child), Python + torch imports included",
         },
         "scaling_seconds_by_concepts": scaling,
         "targets": {"vs_copy_max": 1.5, "vs_diffusers_min": 3.0, "rss_vs_unet_max": 0.5},

@@ -25,6 +25,7 @@ from blockctl.layout import (
     Layout,
     Target,
     canonical_module,
+    fingerprint,
     layout_of,
     load_basis,
     sha256_file,
@@ -280,9 +281,17 @@ def plan_merge(
         for s in selected
         for tok in s.tokens
     )
+    base = BaseFolder(resolve_base(layout.base))
+    # Cheap (the targets only) and it stops a merge onto a base edited since the registry
+    # was made, which would silently produce weights nobody trained for.
+    if fingerprint(base, layout.targets) != layout.base_fingerprint:
+        raise ValidationFailed(
+            f"the base at {base.root} is not the one this registry was made for "
+            "(its target weights changed)"
+        )
     return MergePlan(
         layout=layout,
-        base=BaseFolder(resolve_base(layout.base)),
+        base=base,
         selected=tuple(selected),
         ups=ups,
         bases=load_basis(registry.basis_path(), layout),

@@ -218,10 +218,15 @@ class TensorReader:
         return self._fh.fileno()
 
     def read_bytes(self, offset: int, nbytes: int) -> bytearray:
-        self._fh.seek(offset)
+        """``nbytes`` at ``offset``; positional reads, so threads may share the reader."""
         buf = bytearray(nbytes)
-        if self._fh.readinto(buf) != nbytes:
-            raise ValueError(f"{self.path.name}: truncated data at offset {offset}")
+        view = memoryview(buf)
+        done = 0
+        while done < nbytes:
+            n = os.preadv(self._fh.fileno(), [view[done:]], offset + done)
+            if n == 0:
+                raise ValueError(f"{self.path.name}: truncated data at offset {offset + done}")
+            done += n
         return buf
 
     def get(self, key: str) -> torch.Tensor:

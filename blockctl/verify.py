@@ -28,6 +28,9 @@ def adapter_problems(adapter: Adapter, layout: Layout, record: SlotRecord | None
         problems.append("made for another base model (base fingerprint differs)")
     if meta.rank != layout.rank:
         problems.append(f"rank {meta.rank} but the layout's rank is {layout.rank}")
+    if meta.scale != layout.scale:
+        # merge applies the layout's scale: a different one would merge at the wrong strength
+        problems.append(f"scale {meta.scale} but the layout's scale is {layout.scale}")
     if record is None:
         problems.append(f"no slot is reserved for concept {meta.concept!r}")
     else:

@@ -94,10 +94,10 @@ def _root(
 
 
 def _register_commands() -> None:
-    from blockctl.cli import adapters, evaluate, merge, mirror, slots, toy, train
+    from blockctl.cli import adapters, demo, evaluate, merge, mirror, slots, toy, train
 
     # Registration order is the order --help lists them: the story from setup to results.
-    for module in (slots, adapters, train, merge, evaluate, mirror, toy):
+    for module in (demo, slots, adapters, train, merge, evaluate, mirror, toy):
         module.register(app)
 
 
@@ -105,6 +105,10 @@ _register_commands()
 
 
 def main() -> None:
+    # Library chatter (torchvision fallbacks, loading bars) would drown the command's output;
+    # users who want it can still set these variables themselves.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
         app()
     except KeyboardInterrupt:

@@ -23,6 +23,13 @@ from blockctl.names import check_concept
 DEFAULT_RUNS = Path("blockctl-runs")
 
 
+def _default(name: str) -> str:
+    """Shown in --help; read from TrainConfig so help and behaviour never disagree."""
+    from blockctl.train.config import TrainConfig
+
+    return str(getattr(TrainConfig, name))
+
+
 def train(
     ctx: typer.Context,
     photos: Path = typer.Argument(
@@ -31,42 +38,62 @@ def train(
         "optional IMAGE.txt caption beside each).",
     ),
     concept: str = typer.Option(..., "--concept", "-c", help="Concept with a reserved slot."),
-    steps: int = typer.Option(None, "--steps", help="Optimizer steps [default: 300]."),
+    steps: int = typer.Option(
+        None, "--steps", help="Optimizer steps.", show_default=_default("steps")
+    ),
     lr: float = typer.Option(
-        None, "--lr", help="Learning rate of the slot blocks B [default: 1e-3]."
+        None, "--lr", help="Learning rate of the slot blocks B.", show_default=_default("lr")
     ),
     embedding_lr: float = typer.Option(
-        None, "--embedding-lr", help="Learning rate of the token embedding [default: 5e-3]."
+        None,
+        "--embedding-lr",
+        help="Learning rate of the token embedding.",
+        show_default=_default("embedding_lr"),
     ),
-    batch_size: int = typer.Option(None, "--batch-size", help="Photos per step [default: 2]."),
+    batch_size: int = typer.Option(
+        None, "--batch-size", help="Photos per step.", show_default=_default("batch_size")
+    ),
     grad_accum: int = typer.Option(
-        None, "--grad-accum", help="Gradient accumulation [default: 1]."
+        None, "--grad-accum", help="Gradient accumulation.", show_default=_default("grad_accum")
     ),
-    warmup_steps: int = typer.Option(None, "--warmup-steps", help="LR warmup [default: 20]."),
+    warmup_steps: int = typer.Option(
+        None, "--warmup-steps", help="LR warmup.", show_default=_default("warmup_steps")
+    ),
     schedule: str = typer.Option(
-        None, "--schedule", help="constant, cosine or linear [default: constant]."
+        None, "--schedule", help="constant, cosine or linear.", show_default=_default("schedule")
     ),
     roe: bool = typer.Option(
-        None, "--roe/--no-roe", help="Randomized Output Erasure [default: on]."
+        None, "--roe/--no-roe", help="Randomized Output Erasure.", show_default="on"
     ),
     roe_prob: float = typer.Option(
-        None, "--roe-prob", help="Chance of an erasure batch per step [default: 0.5]."
+        None,
+        "--roe-prob",
+        help="Chance of an erasure batch per step.",
+        show_default=_default("roe_prob"),
     ),
     roe_weight: float = typer.Option(
-        None, "--roe-weight", help="λ of the erasure loss [default: 1.0]."
+        None, "--roe-weight", help="λ of the erasure loss.", show_default=_default("roe_weight")
     ),
     roe_batch_size: int = typer.Option(
-        None, "--roe-batch-size", help="Erasure prompts per step [default: half the batch]."
+        None, "--roe-batch-size", help="Erasure prompts per step.", show_default="half the batch"
     ),
-    seed: int = typer.Option(None, "--seed", help="Seed of every random draw [default: 0]."),
+    seed: int = typer.Option(
+        None, "--seed", help="Seed of every random draw.", show_default=_default("seed")
+    ),
     checkpoint_every: int = typer.Option(
-        None, "--checkpoint-every", help="Save a checkpoint every N steps [default: 100]."
+        None,
+        "--checkpoint-every",
+        help="Save a checkpoint every N steps.",
+        show_default=_default("checkpoint_every"),
     ),
     mixed_precision: str = typer.Option(
-        None, "--mixed-precision", help="no, bf16 or fp16 (GPU) [default: no]."
+        None,
+        "--mixed-precision",
+        help="no, bf16 or fp16 (GPU).",
+        show_default=_default("mixed_precision"),
     ),
     out: Path = typer.Option(
-        None, "--out", "-o", help="Run folder [default: ./blockctl-runs/CONCEPT]."
+        None, "--out", "-o", help="Run folder.", show_default="./blockctl-runs/CONCEPT"
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the run folder's last checkpoint."

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import secrets
 import shutil
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Protocol
+
+import torch
 
 from blockctl.errors import InvalidInput
 
@@ -57,6 +60,29 @@ def writer_for(fmt: str) -> Writer:
     raise InvalidInput(f"unknown format {fmt!r}")
 
 
+def computed_ahead(
+    keys: Sequence[str], compute: Callable[[str], torch.Tensor], depth: int = 2
+) -> Generator[tuple[str, torch.Tensor], None, None]:
+    """``(key, compute(key))`` in order, computed up to ``depth`` ahead in a worker thread, so
+    the merge math overlaps the kernel copies of the untouched tensors in between (torch
+    releases the GIL). Memory stays bounded by ``depth`` tensors."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockctl-merge")
+    pending: list[tuple[str, Future[torch.Tensor]]] = []
+    queue = iter(keys)
+    try:
+        while True:
+            while len(pending) < depth and (key := next(queue, None)) is not None:
+                pending.append((key, pool.submit(compute, key)))
+            if not pending:
+                return
+            key, future = pending.pop(0)
+            yield key, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def pause_mid_write() -> None:
     seconds = os.environ.get(PAUSE_ENV)
     if seconds:
@@ -83,7 +109,7 @@ def clean_stale(out: Path) -> list[Path]:
     if not parent.is_dir():
         return removed
     for mark in (TMP_MARK, OLD_MARK):
-        for path in parent.glob(f".{out.name}{mark}*"):
+        for path in parent.glob(f".{glob.escape(out.name)}{mark}*"):
             pid_text = path.name[len(f".{out.name}{mark}") :].split("-", 1)[0]
             if pid_text.isdigit() and _pid_alive(int(pid_text)) and int(pid_text) != os.getpid():
                 continue

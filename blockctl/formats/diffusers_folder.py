@@ -8,6 +8,7 @@ Pickled weights are never copied: blockctl only ever writes safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from blockctl.errors import InvalidInput
-from blockctl.formats import pause_mid_write
+from blockctl.formats import computed_ahead, pause_mid_write
 from blockctl.layout import TOKEN_EMBEDDING_KEY
 from blockctl.merge import parse_dtype
 from blockctl.stream import StreamWriter, TensorReader, read_entries
@@ -81,12 +82,19 @@ def _write_weights(
         # The base's own data order, so the untouched runs are copied in file order.
         order = reader.keys_in_file_order()
         out_entries = [plan.out_entry(component, entries[k], dtype) for k in order]
-        with StreamWriter(dst, out_entries, plan.metadata("diffusers", dtype)) as writer:
+        changed = [k for k in order if not plan.passthrough(component, entries[k], dtype)]
+        ahead = computed_ahead(changed, lambda k: plan.produce(component, k, reader.get(k), dtype))
+        with (
+            contextlib.closing(ahead),
+            StreamWriter(dst, out_entries, plan.metadata("diffusers", dtype)) as writer,
+        ):
             for key in order:
                 if plan.passthrough(component, entries[key], dtype):
                     writer.copy(key, reader)
                 else:
-                    writer.write(key, plan.produce(component, key, reader.get(key), dtype))
+                    done, tensor = next(ahead)
+                    assert done == key
+                    writer.write(key, tensor)
 
 
 def _write_text_config(plan: MergePlan, src: Path, dst: Path, dtype: torch.dtype | None) -> None:

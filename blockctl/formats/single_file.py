@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from blockctl.errors import InvalidInput
-from blockctl.formats import pause_mid_write
+from blockctl.formats import computed_ahead, pause_mid_write
 from blockctl.layout import canonical_module
 from blockctl.merge import parse_dtype
 from blockctl.stream import Entry, StreamWriter, TensorReader, read_entries
@@ -174,14 +174,21 @@ def write_single_file(plan: MergePlan, out: Path, dtype: torch.dtype | None) -> 
         writer = stack.enter_context(
             StreamWriter(out, [r[4] for r in rows], plan.metadata("single-file", dtype))
         )
-        for i, (ldm, component, file, src, entry) in enumerate(rows):
-            if plan.passthrough(component, src, dtype, tokens=False):
+        todo = {r[0]: r for r in rows if not plan.passthrough(r[1], r[3], dtype, tokens=False)}
+
+        def compute(ldm: str) -> torch.Tensor:
+            _, component, file, src, entry = todo[ldm]
+            got = plan.produce(component, src.key, readers[file].get(src.key), dtype, tokens=False)
+            return got.reshape(entry.shape)
+
+        ahead = stack.enter_context(contextlib.closing(computed_ahead(list(todo), compute)))
+        for i, (ldm, _component, file, src, _entry) in enumerate(rows):
+            if ldm not in todo:
                 writer.copy(ldm, readers[file], src.key)  # same bytes, maybe a new shape
             else:
-                got = plan.produce(
-                    component, src.key, readers[file].get(src.key), dtype, tokens=False
-                )
-                writer.write(ldm, got.reshape(entry.shape))
+                done, tensor = next(ahead)
+                assert done == ldm
+                writer.write(ldm, tensor)
             if i == 0:
                 pause_mid_write()
 

@@ -278,3 +278,20 @@ def test_tokenizer_without_tokenizer_json(tiny_base: Path, tmp_path: Path) -> No
     rows = BaseFolder(base).info("text_encoder", "embeddings.token_embedding.weight").shape[0]
     assert tok.convert_tokens_to_ids(["<rex>", "<tabby>"]) == [rows, rows + 1]
     assert len(tok("a <rex> b").input_ids) == len(tok("a x b").input_ids)
+
+
+def test_a_changed_base_is_refused(tiny_base: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    reg = make_published(tmp_path / "r", base, ("rex",), text_encoder=False)
+    path = base / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(path))
+    key = f"{layout_of(reg).targets[0].module}.weight"
+    tensors[key] = tensors[key] + 1.0
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValidationFailed, match="not the one this registry was made for"):
+        merge(reg, ["rex"], MergeOptions(out=tmp_path / "o"))
