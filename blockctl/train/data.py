@@ -147,8 +147,10 @@ def encode_photos(vae: torch.nn.Module, pixels: torch.Tensor, scaling: float) ->
         mu, sd = [], []
         for chunk in variant.split(ENCODE_BATCH):
             dist = vae.encode(chunk.to(device=device, dtype=dtype)).latent_dist  # type: ignore[operator]
-            mu.append(dist.mean.float() * scaling)
-            sd.append(dist.std.float() * scaling)
+            # the bank stays on the CPU: batches are drawn there from seeded CPU generators,
+            # so a run draws the same batches on any device, then moves them over
+            mu.append((dist.mean.float() * scaling).cpu())
+            sd.append((dist.std.float() * scaling).cpu())
         means.append(torch.cat(mu))
         stds.append(torch.cat(sd))
     return LatentBank(torch.stack(means), torch.stack(stds))
