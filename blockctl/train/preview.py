@@ -26,7 +26,7 @@ def sample_grid(
     prompts: tuple[str, str],
     path: Path,
     *,
-    per_cell: int = 2,
+    per_cell: int = 4,
     steps: int = 20,
     guidance: float = 5.0,
     seed: int = 0,

@@ -52,7 +52,7 @@ def test_train_publish_verify(tiny_base: Path, tmp_path: Path) -> None:
     assert record.concept == "rex" and record.slot == 0
     assert record.sha256 == summary["sha256"] == sha256_file(out / "rex.safetensors")
     grid = Image.open(summary["grid"])
-    assert grid.size[0] == 4 * 32  # base ×2 | trained ×2, tiny base renders 32 px
+    assert grid.size[0] == 8 * 32  # base ×4 | trained ×4, tiny base renders 32 px
 
     code, stdout, err = cli("verify", "--json")
     assert code == 0, err + stdout
