@@ -56,8 +56,17 @@ def main() -> None:
 
             AcceleratorState._reset_state(True)
             t0 = time.perf_counter()
-            res = train(reg, TrainRequest(photos=photos, concept=name, out_dir=root / "runs" / name,
-                                          overrides=overrides, sample=False), say=lambda _m: None)
+            res = train(
+                reg,
+                TrainRequest(
+                    photos=photos,
+                    concept=name,
+                    out_dir=root / "runs" / name,
+                    overrides=overrides,
+                    sample=False,
+                ),
+                say=lambda _m: None,
+            )
             result["train"][name] = {  # type: ignore[index]
                 "mixed_precision": precision, "seconds": round(time.perf_counter() - t0, 2),
                 "steps_per_s": round(res.steps / res.seconds, 2), "final_loss": res.final_loss,
@@ -70,7 +79,9 @@ def main() -> None:
         result["merge_seconds"] = round(m.seconds, 3)
         check = check_merged(reg, merged)
         result["verify_merged_ok"] = check.ok
-        result["metrics"] = [r.to_dict() for r in evaluate(reg, list(precisions), merged, EvalConfig())]
+        result["metrics"] = [
+            r.to_dict() for r in evaluate(reg, list(precisions), merged, EvalConfig())
+        ]
         if cuda:
             from diffusers import StableDiffusionPipeline
 

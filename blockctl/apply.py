@@ -35,6 +35,9 @@ class Modules:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        from blockctl.quiet import quiet_libraries
+
+        quiet_libraries()
         if not (folder / "model_index.json").is_file():
             raise InvalidInput(f"{folder} is not a diffusers pipeline folder")
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)

@@ -27,14 +27,10 @@ def default_model() -> Path:
 def load_pipeline(model_dir: str | Path | None = None, device: str = "cpu") -> Any:
     """A StableDiffusionPipeline in float32 from a local folder (offline; no safety checker)."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import logging as dlog
 
-    dlog.set_verbosity_error()  # loading chatter would drown the command's own output
-    dlog.disable_progress_bar()
-    from transformers.utils import logging as tlog
+    from blockctl.quiet import quiet_libraries
 
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
+    quiet_libraries()
     path = Path(model_dir) if model_dir is not None else default_model()
     if not (path / "model_index.json").is_file():
         raise InvalidInput(f"{path} is not a diffusers pipeline folder (no model_index.json)")

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from registry.base import Registry
 
-console = Console()
+console = Console(soft_wrap=True)
 # Errors stay on one line whatever the terminal width, so they can be grepped and parsed.
 err_console = Console(stderr=True, soft_wrap=True)
 

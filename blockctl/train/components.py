@@ -34,13 +34,11 @@ def load_components(base_dir: Path) -> Components:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
-    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextModel, CLIPTokenizer
-    from transformers.utils import logging as transformers_logging
 
-    # Their "Loading weights" bars would interleave with ours on stderr.
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    from blockctl.quiet import quiet_libraries
+
+    quiet_libraries()
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(base_dir / "tokenizer"))
         text_encoder = CLIPTextModel.from_pretrained(
