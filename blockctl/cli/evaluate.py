@@ -23,7 +23,7 @@ def eval_command(
     seed: int = typer.Option(0, "--seed", help="Seed of latents, noises and timesteps."),
     json_out: bool = JSON_OPTION,
 ) -> None:
-    """Measure how well each concept keeps its identity in a merge (DESIGN section 10).
+    """Measure how well each concept keeps its identity in a merged model.
 
     retention 1 = all of the concept's own change survives; crosstalk 0 = the other concepts
     add nothing on its prompts; fidelity 1 = both; prior interference 0 = "a photo of a
