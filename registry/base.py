@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from blockctl.errors import SlotConflict
+
 RESERVED = "reserved"
 PUBLISHED = "published"
 RELEASED = "released"
@@ -106,8 +108,6 @@ class Registry(abc.ABC):
         for rec in self.slots():
             if rec.concept == concept:
                 return rec
-        from blockctl.errors import SlotConflict
-
         raise SlotConflict(
             f"concept {concept!r} has no reserved slot",
             hint=f"blockctl reserve-slot {concept} --class-word WORD",
@@ -127,3 +127,35 @@ class Registry(abc.ABC):
     @abc.abstractmethod
     def adapter_file(self, concept: str) -> Path:
         """A local path to the concept's stored adapter file. SlotConflict if none."""
+
+
+# -- conflict messages shared by the backends ------------------------------------------------
+
+
+def concept_taken(held: SlotRecord, concept: str) -> SlotConflict:
+    """``concept`` collides (ignoring case: concepts become file names) with ``held``."""
+    if held.concept != concept:
+        msg = (
+            f"concept {concept!r} clashes with concept {held.concept!r} in slot "
+            f"{held.slot} (owner {held.owner}); names are compared ignoring case"
+        )
+    elif held.status == RELEASED:
+        msg = (
+            f"concept {concept!r} was released from slot {held.slot} (owner "
+            f"{held.owner}) and its name cannot be reused"
+        )
+    else:
+        msg = (
+            f"concept {concept!r} already holds slot {held.slot} (owner {held.owner}, "
+            f"{held.status})"
+        )
+    return SlotConflict(msg, hint="choose another concept name")
+
+
+def token_taken(held: SlotRecord, token: str) -> SlotConflict:
+    """``token`` collides (ignoring case: CLIP lowercases its input) with ``held``'s token."""
+    same = "" if held.token == token else f" as {held.token!r}"
+    return SlotConflict(
+        f"token {token!r} is already used{same} by concept {held.concept!r} (slot {held.slot})",
+        hint="choose another trigger token",
+    )

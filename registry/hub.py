@@ -57,7 +57,16 @@ from blockctl.errors import (
     ValidationFailed,
 )
 from blockctl.names import check_concept, check_token, check_word
-from registry.base import PUBLISHED, RELEASED, RESERVED, AdapterRecord, Registry, SlotRecord
+from registry.base import (
+    PUBLISHED,
+    RELEASED,
+    RESERVED,
+    AdapterRecord,
+    Registry,
+    SlotRecord,
+    concept_taken,
+    token_taken,
+)
 from registry.hub_url import HubUrl, parse_hub_url
 from registry.migrations import utc_now
 
@@ -798,32 +807,12 @@ def _publishable(snap: _Snapshot, concept: str) -> _Entry:
 
 
 def _check_names_free(records: list[SlotRecord], concept: str, token: str) -> None:
-    # compared ignoring case: concepts become file names, and CLIP lowercases its input
     held = next((r for r in records if r.concept.casefold() == concept.casefold()), None)
     if held is not None:
-        if held.concept != concept:
-            msg = (
-                f"concept {concept!r} clashes with concept {held.concept!r} in slot "
-                f"{held.slot} (owner {held.owner}); names are compared ignoring case"
-            )
-        elif held.status == RELEASED:
-            msg = (
-                f"concept {concept!r} was released from slot {held.slot} (owner "
-                f"{held.owner}) and its name cannot be reused"
-            )
-        else:
-            msg = (
-                f"concept {concept!r} already holds slot {held.slot} (owner {held.owner}, "
-                f"{held.status})"
-            )
-        raise SlotConflict(msg, hint="choose another concept name")
+        raise concept_taken(held, concept)
     held = next((r for r in records if r.token.casefold() == token.casefold()), None)
     if held is not None:
-        same = "" if held.token == token else f" as {held.token!r}"
-        raise SlotConflict(
-            f"token {token!r} is already used{same} by concept {held.concept!r} (slot {held.slot})",
-            hint="choose another trigger token",
-        )
+        raise token_taken(held, token)
 
 
 def _check_slot_free(records: list[SlotRecord], slot: int) -> None:

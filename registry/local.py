@@ -38,7 +38,16 @@ from blockctl.errors import (
     ValidationFailed,
 )
 from blockctl.names import check_concept, check_token, check_word
-from registry.base import PUBLISHED, RELEASED, RESERVED, AdapterRecord, Registry, SlotRecord
+from registry.base import (
+    PUBLISHED,
+    RELEASED,
+    RESERVED,
+    AdapterRecord,
+    Registry,
+    SlotRecord,
+    concept_taken,
+    token_taken,
+)
 from registry.migrations import (
     MIGRATIONS_TABLE,
     NewerSchemaError,
@@ -473,34 +482,12 @@ class LocalRegistry(Registry):
             f"SELECT {_SLOT_COLS} FROM slots WHERE concept = ? COLLATE NOCASE", [concept]
         ).fetchone()
         if row is not None:
-            held = self._row(db, row)
-            if held.concept != concept:
-                msg = (
-                    f"concept {concept!r} clashes with concept {held.concept!r} in slot "
-                    f"{held.slot} (owner {held.owner}); names are compared ignoring case"
-                )
-            elif held.status == RELEASED:
-                msg = (
-                    f"concept {concept!r} was released from slot {held.slot} (owner "
-                    f"{held.owner}) and its name cannot be reused"
-                )
-            else:
-                msg = (
-                    f"concept {concept!r} already holds slot {held.slot} (owner {held.owner}, "
-                    f"{held.status})"
-                )
-            raise SlotConflict(msg, hint="choose another concept name")
+            raise concept_taken(self._row(db, row), concept)
         row = db.execute(
             f"SELECT {_SLOT_COLS} FROM slots WHERE token = ? COLLATE NOCASE", [token]
         ).fetchone()
         if row is not None:
-            held = self._row(db, row)
-            same = "" if held.token == token else f" as {held.token!r}"
-            raise SlotConflict(
-                f"token {token!r} is already used{same} by concept {held.concept!r} "
-                f"(slot {held.slot})",
-                hint="choose another trigger token",
-            )
+            raise token_taken(self._row(db, row), token)
 
     def _check_slot_free(self, db: Database, slot: int) -> None:
         row = db.execute(f"SELECT {_SLOT_COLS} FROM slots WHERE slot = ?", [slot]).fetchone()
