@@ -16,26 +16,9 @@ from registry import open_registry
 from registry.hub import SCHEMA_VERSION, HubRegistry
 from registry.hub_url import HubUrl, parse_hub_url
 from tests.conftest import AdapterFactory
-from tests.hub_standin import FakeHub, hub_registry, tiny_layout
+from tests.hub_standin import FakeHub, hub_registry
 
 REPO = ("model", "acme/blocks")
-
-
-@pytest.fixture(scope="module")
-def layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
-    return tiny_layout(tmp_path_factory.mktemp("layout"))
-
-
-@pytest.fixture
-def hub(tmp_path: Path) -> FakeHub:
-    return FakeHub(tmp_path / "hf-cache")
-
-
-@pytest.fixture
-def reg(hub: FakeHub, tmp_path: Path, layout: tuple[dict[str, Any], Path]) -> HubRegistry:
-    r = hub_registry(hub, tmp_path / "state")
-    r.create(*layout)
-    return r
 
 
 def commits(hub: FakeHub, repo: tuple[str, str] = REPO) -> int:

@@ -25,18 +25,6 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Pa
     return tiny_layout(tmp_path_factory.mktemp("layout"), slots=8, rank=1)
 
 
-@pytest.fixture
-def hub(tmp_path: Path) -> FakeHub:
-    return FakeHub(tmp_path / "hf-cache")
-
-
-@pytest.fixture
-def reg(hub: FakeHub, tmp_path: Path, layout: tuple[dict[str, Any], Path]) -> HubRegistry:
-    r = hub_registry(hub, tmp_path / "state")
-    r.create(*layout)
-    return r
-
-
 def slot_files(hub: FakeHub) -> dict[int, dict[str, Any]]:
     tree = hub.tree(*REPO)
     return {int(p[6:9]): json.loads(tree[p]) for p in tree if p.startswith("slots/")}

@@ -20,16 +20,6 @@ from tests.hub_standin import FakeHub, hub_registry, tiny_layout
 REPO = ("model", "acme/blocks")
 
 
-@pytest.fixture(scope="module")
-def layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
-    return tiny_layout(tmp_path_factory.mktemp("layout"))
-
-
-@pytest.fixture
-def hub(tmp_path: Path) -> FakeHub:
-    return FakeHub(tmp_path / "hf-cache")
-
-
 @pytest.fixture
 def source(
     hub: FakeHub,

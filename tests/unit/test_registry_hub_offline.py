@@ -13,19 +13,9 @@ from blockctl.errors import RegistryUnavailable
 from blockctl.layout import sha256_file
 from registry.hub import HubRegistry
 from tests.conftest import AdapterFactory
-from tests.hub_standin import FakeHub, hub_registry, tiny_layout
+from tests.hub_standin import FakeHub, hub_registry
 
 REPO = ("model", "acme/blocks")
-
-
-@pytest.fixture(scope="module")
-def layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
-    return tiny_layout(tmp_path_factory.mktemp("layout"))
-
-
-@pytest.fixture
-def hub(tmp_path: Path) -> FakeHub:
-    return FakeHub(tmp_path / "hf-cache")
 
 
 @pytest.fixture
