@@ -8,6 +8,7 @@ kept as the dict that ``blockctl.layout.Layout.to_dict`` produces.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -159,3 +160,25 @@ def token_taken(held: SlotRecord, token: str) -> SlotConflict:
         f"token {token!r} is already used{same} by concept {held.concept!r} (slot {held.slot})",
         hint="choose another trigger token",
     )
+
+
+def slot_taken(held: SlotRecord, slot: int) -> SlotConflict:
+    extra = ", released: slots of published adapters are never reused" * (held.status == RELEASED)
+    return SlotConflict(
+        f"slot {slot} is taken by concept {held.concept!r} (owner {held.owner}{extra})",
+        hint="leave out the slot number to get the lowest free slot",
+    )
+
+
+def pool_exhausted(n: int, counts: Mapping[str, int]) -> SlotConflict:
+    """All ``n`` slots taken; ``counts`` is the number of records per status."""
+    parts = [f"{counts[s]} {s}" for s in (RESERVED, PUBLISHED, RELEASED) if counts.get(s)]
+    return SlotConflict(
+        f"all {n} slots are taken ({', '.join(parts)})",
+        hint="release an unpublished concept (blockctl release-slot CONCEPT) or create a "
+        "registry with more slots",
+    )
+
+
+def valid_slot_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

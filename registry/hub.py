@@ -65,7 +65,10 @@ from registry.base import (
     Registry,
     SlotRecord,
     concept_taken,
+    pool_exhausted,
+    slot_taken,
     token_taken,
+    valid_slot_count,
 )
 from registry.hub_url import HubUrl, parse_hub_url
 from registry.migrations import utc_now
@@ -419,7 +422,7 @@ class HubRegistry(Registry):
                 hint="upgrade blockctl (pip install -U blockctl)",
             )
         layout = doc.get("layout")
-        if not isinstance(layout, dict) or not _valid_slot_count(layout.get("slots")):
+        if not isinstance(layout, dict) or not valid_slot_count(layout.get("slots")):
             raise self._corrupt(f"{LAYOUT_FILE} has no valid layout with a 'slots' count")
         if BASIS_FILE not in files:
             raise RegistryUnavailable(
@@ -537,7 +540,7 @@ class HubRegistry(Registry):
     def create(self, layout: dict[str, Any], basis_file: Path) -> None:
         if not isinstance(layout, dict):
             raise InvalidInput("the layout must be a dict")
-        if not _valid_slot_count(layout.get("slots")):
+        if not valid_slot_count(layout.get("slots")):
             raise InvalidInput(
                 f"the layout needs a positive integer 'slots', got {layout.get('slots')!r}"
             )
@@ -767,10 +770,6 @@ def _first_line(exc: BaseException) -> str:
     )
 
 
-def _valid_slot_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def _slot_path(slot: int, n_slots: int) -> str:
     width = max(3, len(str(n_slots - 1)))
     return f"{SLOTS_DIR}/{slot:0{width}d}.json"
@@ -818,23 +817,12 @@ def _check_names_free(records: list[SlotRecord], concept: str, token: str) -> No
 def _check_slot_free(records: list[SlotRecord], slot: int) -> None:
     held = next((r for r in records if r.slot == slot), None)
     if held is not None:
-        extra = ", released: slots of published adapters are never reused" * (
-            held.status == RELEASED
-        )
-        raise SlotConflict(
-            f"slot {slot} is taken by concept {held.concept!r} (owner {held.owner}{extra})",
-            hint="leave out the slot number to get the lowest free slot",
-        )
+        raise slot_taken(held, slot)
 
 
 def _exhausted(records: list[SlotRecord], n: int) -> SlotConflict:
     counts = {s: sum(r.status == s for r in records) for s in (RESERVED, PUBLISHED, RELEASED)}
-    parts = [f"{c} {s}" for s, c in counts.items() if c]
-    return SlotConflict(
-        f"all {n} slots are taken ({', '.join(parts)})",
-        hint="release an unpublished concept (blockctl release-slot CONCEPT) or create a "
-        "registry with more slots",
-    )
+    return pool_exhausted(n, counts)
 
 
 def _copy_hashing(src: Path, dst: Path) -> tuple[int, str]:

@@ -46,7 +46,10 @@ from registry.base import (
     Registry,
     SlotRecord,
     concept_taken,
+    pool_exhausted,
+    slot_taken,
     token_taken,
+    valid_slot_count,
 )
 from registry.migrations import (
     MIGRATIONS_TABLE,
@@ -227,7 +230,7 @@ class LocalRegistry(Registry):
             layout = json.loads(rows[0]["json"])
         except (TypeError, ValueError) as exc:
             raise self._corrupt(f"the layout is not valid JSON ({exc})") from exc
-        if not isinstance(layout, dict) or not _valid_slot_count(layout.get("slots")):
+        if not isinstance(layout, dict) or not valid_slot_count(layout.get("slots")):
             raise self._corrupt("the layout has no valid 'slots' count")
         if not (self.root / BASIS_NAME).is_file():
             raise RegistryUnavailable(
@@ -285,7 +288,7 @@ class LocalRegistry(Registry):
     def create(self, layout: dict[str, Any], basis_file: Path) -> None:
         if not isinstance(layout, dict):
             raise InvalidInput("the layout must be a dict")
-        if not _valid_slot_count(layout.get("slots")):
+        if not valid_slot_count(layout.get("slots")):
             raise InvalidInput(
                 f"the layout needs a positive integer 'slots', got {layout.get('slots')!r}"
             )
@@ -492,23 +495,11 @@ class LocalRegistry(Registry):
     def _check_slot_free(self, db: Database, slot: int) -> None:
         row = db.execute(f"SELECT {_SLOT_COLS} FROM slots WHERE slot = ?", [slot]).fetchone()
         if row is not None:
-            held = self._row(db, row)
-            extra = ", released: slots of published adapters are never reused" * (
-                held.status == RELEASED
-            )
-            raise SlotConflict(
-                f"slot {slot} is taken by concept {held.concept!r} (owner {held.owner}{extra})",
-                hint="leave out the slot number to get the lowest free slot",
-            )
+            raise slot_taken(self._row(db, row), slot)
 
     def _exhausted(self, db: Database, n: int) -> SlotConflict:
         counts = dict(db.execute("SELECT status, count(*) FROM slots GROUP BY status").fetchall())
-        parts = [f"{counts[s]} {s}" for s in (RESERVED, PUBLISHED, RELEASED) if counts.get(s)]
-        return SlotConflict(
-            f"all {n} slots are taken ({', '.join(parts)})",
-            hint="release an unpublished concept (blockctl release-slot CONCEPT) or create a "
-            "registry with more slots",
-        )
+        return pool_exhausted(n, counts)
 
     @staticmethod
     def _row(db: Database, row: tuple[Any, ...]) -> SlotRecord:
@@ -719,10 +710,6 @@ class LocalRegistry(Registry):
                 hint="restore the registry folder from a backup, or publish the adapter again",
             )
         return path
-
-
-def _valid_slot_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _copy_hashing(src: Path, folder: Path, sha: str) -> tuple[Path, int, str]:
