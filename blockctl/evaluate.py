@@ -142,7 +142,7 @@ def evaluate(
     results = []
     for c in concepts:
         e_b, p_b = probe.predict(base, own(c)), probe.predict(base, prior(c))
-        with applied(plan_merge(registry, [c], {}), base) as alone:
+        with applied(full_plan.only(c), base) as alone:
             e_s, p_s = probe.predict(alone, own(c)), probe.predict(alone, prior(c))
         e_m, p_m = m_preds[c]
         results.append(concept_metrics(c, records[c].slot, e_b, e_s, e_m, p_b, p_s, p_m))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -122,6 +122,19 @@ class MergePlan:
     ups: Mapping[str, Mapping[int, torch.Tensor]]  # target name -> slot -> B_s
     bases: Mapping[int, torch.Tensor]  # width -> O_d
     token_rows: tuple[tuple[str, torch.Tensor], ...]  # (token, 1×dim float32) by slot
+
+    def only(self, concept: str) -> MergePlan:
+        """The same plan restricted to one of its concepts, without re-reading anything."""
+        keep = tuple(s for s in self.selected if s.concept == concept)
+        if not keep:
+            raise InvalidInput(f"{concept!r} is not part of this merge")
+        (sel,) = keep
+        return replace(
+            self,
+            selected=keep,
+            ups={t: {sel.slot: by_slot[sel.slot]} for t, by_slot in self.ups.items()},
+            token_rows=tuple((tok, row) for tok, row in self.token_rows if tok in sel.tokens),
+        )
 
     @property
     def slot_scales(self) -> dict[int, float]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from blockctl.errors import InvalidInput
 from blockctl.evaluate import EvalConfig, concept_metrics, evaluate, ratio
 from blockctl.layout import sha256_file
 from registry import Registry
@@ -60,3 +61,22 @@ def test_metric_definitions_on_known_vectors() -> None:
     assert m.prior_interference == pytest.approx(1.0)
     assert m.prior_drift == 0.0
     assert ratio(0.0, 0.0) == 0.0 and ratio(1.0, 0.0) == math.inf
+
+
+def test_plan_restricted_to_one_concept_equals_planning_it_alone(
+    tiny_registry: Registry,
+    adapter_factory,  # type: ignore[no-untyped-def]
+) -> None:
+    from blockctl.merge import plan_merge
+
+    for i, name in enumerate(["a1", "b2"]):
+        publish(tiny_registry, adapter_factory(tiny_registry, name, seed=i), name)
+    full = plan_merge(tiny_registry, ["a1", "b2"], {})
+    alone = plan_merge(tiny_registry, ["b2"], {})
+    only = full.only("b2")
+    assert only.selected == alone.selected
+    assert [t for t, _ in only.token_rows] == [t for t, _ in alone.token_rows]
+    for target in alone.layout.targets:
+        assert torch.equal(only.delta(target), alone.delta(target))
+    with pytest.raises(InvalidInput):
+        full.only("zz")
