@@ -8,7 +8,7 @@ on-disk merges cannot disagree.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,22 +59,34 @@ class Modules:
 def applied(plan: MergePlan, modules: Modules) -> Iterator[Modules]:
     """``modules`` with the plan's concepts added (and a tokenizer that knows their tokens);
     the targets' weights and the embedding are exactly restored on exit."""
+    deltas = {(t.component, t.module): plan.delta(t) for t in plan.layout.targets}
+    with deltas_applied(modules, deltas, plan.token_rows) as mod:
+        yield mod
+
+
+@contextmanager
+def deltas_applied(
+    modules: Modules,
+    deltas: Mapping[tuple[str, str], torch.Tensor],
+    token_rows: Sequence[tuple[str, torch.Tensor]] = (),
+) -> Iterator[Modules]:
+    """``modules`` with ``W + ΔW`` on each ``(component, module)`` Linear and ``token_rows``
+    ((token, 1×dim) pairs) appended to the vocabulary; everything is restored on exit."""
     saved: list[tuple[nn.Linear, torch.Tensor]] = []
     embedding: Any = modules.text_encoder.get_input_embeddings()  # type: ignore[operator]
     old_embedding = embedding.weight.data
     tokenizer = copy.deepcopy(modules.tokenizer)
     try:
         with torch.no_grad():
-            for target in plan.layout.targets:
-                layer = modules.component(target.component).get_submodule(target.module)
+            for (component, module), delta in deltas.items():
+                layer = modules.component(component).get_submodule(module)
                 assert isinstance(layer, nn.Linear)
                 saved.append((layer, layer.weight.data))
-                merged = blocks.apply_delta(layer.weight.data, plan.delta(target))
+                merged = blocks.apply_delta(layer.weight.data, delta)
                 layer.weight.data = merged.to(layer.weight.dtype)
-            if plan.token_rows:
-                tokens = [tok for tok, _ in plan.token_rows]
-                tokenizer.add_tokens(tokens)  # type: ignore[attr-defined]
-                rows = torch.cat([row for _, row in plan.token_rows]).to(old_embedding.dtype)
+            if token_rows:
+                tokenizer.add_tokens([tok for tok, _ in token_rows])  # type: ignore[attr-defined]
+                rows = torch.cat([row for _, row in token_rows]).to(old_embedding.dtype)
                 embedding.weight.data = torch.cat([old_embedding, rows])
         yield Modules(modules.unet, modules.text_encoder, tokenizer)
     finally:

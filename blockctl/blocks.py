@@ -126,3 +126,17 @@ def _square(basis: torch.Tensor) -> int:
     if basis.ndim != 2 or basis.shape[0] != basis.shape[1]:
         raise LayoutError(f"a basis must be square, got {tuple(basis.shape)}")
     return int(basis.shape[0])
+
+
+def foreign_down(basis: torch.Tensor, slot: int, rank: int, slots: int) -> torch.Tensor:
+    """The down-projections of every slot of the layout except ``slot``, stacked
+    (((slots−1)·rank)×d): the subspace where other concepts' updates read their inputs."""
+    others = [s for s in range(slots) if s != slot]
+    return stacked_down(basis, others, rank)
+
+
+def foreign_share(change: torch.Tensor, foreign: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """The share of ``change``'s energy (rows of width d) inside the foreign subspace, in
+    [0, 1]: 0 = no other slot's update can see the change. ``foreign`` has orthonormal rows."""
+    inside = (change @ foreign.T.to(change.dtype)).pow(2).sum()
+    return inside / (change.pow(2).sum() + eps)

@@ -77,6 +77,20 @@ def train(
     roe_batch_size: int = typer.Option(
         None, "--roe-batch-size", help="Erasure prompts per step.", show_default="half the batch"
     ),
+    roe_latents: str = typer.Option(
+        None,
+        "--roe-latents",
+        help="Latents the erasure prompts are asked on: concept (the photos), random "
+        "(Gaussian), or mixed.",
+        show_default=_default("roe_latents"),
+    ),
+    token_isolation: float = typer.Option(
+        None,
+        "--token-isolation",
+        help="Weight of the penalty that keeps the learnt token's effect on the prompt "
+        "encoding out of other slots' subspaces (0 = off).",
+        show_default=_default("token_isolation"),
+    ),
     seed: int = typer.Option(
         None, "--seed", help="Seed of every random draw.", show_default=_default("seed")
     ),
@@ -129,6 +143,8 @@ def train(
         roe_prob=roe_prob,
         roe_weight=roe_weight,
         roe_batch_size=roe_batch_size,
+        roe_latents=roe_latents,
+        token_isolation=token_isolation,
         seed=seed,
         checkpoint_every=checkpoint_every,
         mixed_precision=mixed_precision,

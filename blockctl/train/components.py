@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from blockctl.blocks import foreign_share
 from blockctl.errors import InvalidInput
+from blockctl.train.roe import ErasureBatch
 from blockctl.train.slot_adapter import ConceptAdapter
 
 
@@ -76,12 +78,21 @@ class StepModel(nn.Module):
     adapter off and without grad.
     """
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, adapter: ConceptAdapter):
+    def __init__(
+        self,
+        unet: nn.Module,
+        text_encoder: nn.Module,
+        adapter: ConceptAdapter,
+        foreign: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
         self.adapter = adapter
         self.text_slots = any(n.startswith("text_encoder.") for n in adapter.slots)
+        # Other slots' down-projections at the text encoder's width, when token isolation is on.
+        self.foreign: torch.Tensor | None
+        self.register_buffer("foreign", foreign)
 
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(ids)[0]
@@ -91,23 +102,35 @@ class StepModel(nn.Module):
         noisy: torch.Tensor,
         timesteps: torch.Tensor,
         ids: torch.Tensor,
-        roe_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        erasure: ErasureBatch | None = None,
+    ) -> StepOutput:
         cond = self.encode(ids)
-        if roe_ids is None:
-            return self.unet(noisy, timesteps, cond).sample, None, None
-        # The erasure batch reuses the first noised latents of the concept batch (see roe.py).
-        k = roe_ids.shape[0]
+        isolation = None
+        if self.foreign is not None:
+            # What the learnt token changes in the prompt's encoding (the token and every
+            # position that attends to it), compared with the untrained model.
+            with torch.no_grad(), self.adapter.disabled():
+                before = self.encode(ids)
+            isolation = foreign_share(cond.float() - before.float(), self.foreign)
+        if erasure is None:
+            return StepOutput(self.unet(noisy, timesteps, cond).sample, None, None, isolation)
         with torch.no_grad(), self.adapter.slots_disabled():
-            base_cond = self.encode(roe_ids)
-            target = self.unet(noisy[:k], timesteps[:k], base_cond).sample
+            base_cond = self.encode(erasure.ids)
+            target = self.unet(erasure.noisy, erasure.timesteps, base_cond).sample
         # Without text-encoder slots the erasure prompts encode the same with or without the
         # adapter (the learnt token is never among them), so the no-grad encoding is reused.
-        roe_cond = self.encode(roe_ids) if self.text_slots else base_cond
+        roe_cond = self.encode(erasure.ids) if self.text_slots else base_cond
         both = self.unet(
-            torch.cat([noisy, noisy[:k]]),
-            torch.cat([timesteps, timesteps[:k]]),
+            torch.cat([noisy, erasure.noisy.to(noisy.dtype)]),
+            torch.cat([timesteps, erasure.timesteps]),
             torch.cat([cond, roe_cond.to(cond.dtype)]),
         ).sample
         n = noisy.shape[0]
-        return both[:n], both[n:], target
+        return StepOutput(both[:n], both[n:], target, isolation)
+
+
+class StepOutput(NamedTuple):
+    pred: torch.Tensor  # the concept batch's prediction
+    student: torch.Tensor | None  # erasure batch, adapter on
+    teacher: torch.Tensor | None  # erasure batch, adapter's slots off (no grad)
+    isolation: torch.Tensor | None  # share of the token's change other slots can see

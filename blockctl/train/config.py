@@ -10,6 +10,7 @@ from blockctl.errors import InvalidInput
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "linear")
+ROE_LATENTS = ("concept", "mixed", "random")  # where erasure prompts are asked: see roe.py
 # Settings that change what a step computes: a resumed run must use the checkpoint's values to
 # reproduce an uninterrupted one. ``steps`` and ``checkpoint_every`` may change on resume.
 RESUMABLE_OVERRIDES = ("steps", "checkpoint_every", "mixed_precision")
@@ -37,6 +38,10 @@ class TrainConfig:
     # Erasure prompts per step; None: half the concept batch (at least 1), which keeps ROE's
     # extra cost (a grad pass plus a no-grad target pass) near a third of a plain step.
     roe_batch_size: int | None = None
+    roe_latents: str = "concept"  # see roe.py: concept | mixed | random
+    # Weight of the penalty on the share of the learnt token's effect on the prompt encoding
+    # that falls inside OTHER slots' subspaces, where their updates would act on it.
+    token_isolation: float = 0.0
     seed: int = 0
     checkpoint_every: int = 100
     mixed_precision: str = "no"
@@ -67,7 +72,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise InvalidInput(f"--{_flag(name)} must be a non-negative number, got {value}")
-        for name in ("weight_decay", "max_grad_norm", "roe_weight"):
+        for name in ("weight_decay", "max_grad_norm", "roe_weight", "token_isolation"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise InvalidInput(f"--{_flag(name)} must be a non-negative number, got {value}")
@@ -77,6 +82,10 @@ class TrainConfig:
             raise InvalidInput(
                 f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, "
                 f"got {self.mixed_precision!r}"
+            )
+        if self.roe_latents not in ROE_LATENTS:
+            raise InvalidInput(
+                f"--roe-latents must be one of {', '.join(ROE_LATENTS)}, got {self.roe_latents!r}"
             )
         if self.schedule not in SCHEDULES:
             raise InvalidInput(

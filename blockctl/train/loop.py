@@ -108,10 +108,17 @@ def ctrl_c_stops(flag: StopFlag) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def micro_batch(
-    inputs: LoopInputs, step: int, micro: int, rank: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """noisy latents, timesteps, caption ids, diffusion target, erasure prompt ids (or None)."""
+@dataclass(frozen=True)
+class MicroBatch:
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    ids: torch.Tensor  # caption token ids
+    target: torch.Tensor  # diffusion target
+    erasure: roe.ErasureBatch | None
+
+
+def micro_batch(inputs: LoopInputs, step: int, micro: int, rank: int) -> MicroBatch:
+    """The concept batch of one micro-step and, when drawn, its erasure batch."""
     cfg, comps = inputs.config, inputs.components
     gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, micro, rank, "data"))
     n, b = inputs.caption_ids.shape[0], cfg.batch_size
@@ -128,12 +135,16 @@ def micro_batch(
         target = sched.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    roe_ids = None
+    erasure = None
     if cfg.roe_active:
         rng = random.Random(step_seed(cfg.seed, step, micro, rank, "roe"))
         if roe.draw(rng, cfg.roe_prob):
-            roe_ids = tokenize(comps.tokenizer, inputs.pool.sample(rng, cfg.erasure_batch))
-    return noisy, timesteps, inputs.caption_ids[index], target, roe_ids
+            ids = tokenize(comps.tokenizer, inputs.pool.sample(rng, cfg.erasure_batch))
+            latent_gen = torch.Generator().manual_seed(
+                step_seed(cfg.seed, step, micro, rank, "roe-latents")
+            )
+            erasure = roe.erasure_batch(ids, noisy, timesteps, sched, cfg.roe_latents, latent_gen)
+    return MicroBatch(noisy, timesteps, inputs.caption_ids[index], target, erasure)
 
 
 def run(
@@ -185,18 +196,20 @@ def train_step(
     rank, device = accelerator.process_index, accelerator.device
     total, erased = 0.0, False
     for micro in range(cfg.grad_accum):
-        noisy, t, ids, target, roe_ids = micro_batch(inputs, step, micro, rank)
+        batch = micro_batch(inputs, step, micro, rank)
         with accelerator.accumulate(model):
-            pred, student, teacher = model(
-                noisy.to(device),
-                t.to(device),
-                ids.to(device),
-                None if roe_ids is None else roe_ids.to(device),
+            out = model(
+                batch.noisy.to(device),
+                batch.timesteps.to(device),
+                batch.ids.to(device),
+                None if batch.erasure is None else batch.erasure.to(device),
             )
-            loss = F.mse_loss(pred.float(), target.to(device).float())
-            if student is not None and teacher is not None:
-                loss = loss + cfg.roe_weight * roe.erasure_loss(student, teacher)
+            loss = F.mse_loss(out.pred.float(), batch.target.to(device).float())
+            if out.student is not None and out.teacher is not None:
+                loss = loss + cfg.roe_weight * roe.erasure_loss(out.student, out.teacher)
                 erased = True
+            if out.isolation is not None:
+                loss = loss + cfg.token_isolation * out.isolation
             if not bool(torch.isfinite(loss)):
                 raise TrainingDiverged(
                     f"loss became {float(loss.detach())} at step {step + 1}; training stopped",

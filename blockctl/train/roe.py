@@ -5,11 +5,13 @@ Each step, with probability ``p_roe``, an erasure batch is drawn: prompts from a
 that NEVER holds the concept's token. Its target is the model's own prediction with the slot
 adapter switched off; the loss adds ``λ_roe · mse(ε_{θ+Δ}(x_t, c_rand), ε_θ(x_t, c_rand))``.
 
-Choice of latents: the erasure batch reuses the concept batch's noised latents and timesteps
-(the first ``roe_batch_size`` of them).
-That is where the adapter has learnt to act (images of the concept), so "the same images, asked
-for with any other prompt, are denoised as the base would" is the most direct guard against
-prior drift; it also costs no extra VAE work or noise and lets both batches share one UNet call.
+Choice of latents (``roe_latents``): ``concept`` reuses the concept batch's noised latents and
+timesteps (the first ``roe_batch_size`` of them), where the adapter has learnt to act, so "the
+same images, asked for with any other prompt, are denoised as the base would"; ``random`` draws
+unit-Gaussian latents (the scaled VAE latents' own statistics: a stand-in for images nobody has
+shown the trainer, such as other contributors' concepts) noised at the same timesteps;
+``mixed`` flips a coin per erasure item. Which one the defaults use is the identity sweep's
+call (benchmarks/results/identity_sweep.json).
 
 Because the learnt token never appears in an erasure prompt, the erasure loss never moves the
 token embedding: it constrains only the slot blocks ``B_s``.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +140,40 @@ def random_pieces(tokenizer: object, banned: set[str], limit: int = 4096) -> tup
 
 def _ids(tokenizer: object, text: str) -> Sequence[int]:
     return tokenizer(text, add_special_tokens=False).input_ids  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class ErasureBatch:
+    ids: torch.Tensor  # erasure prompts' token ids (k, L)
+    noisy: torch.Tensor  # noised latents (k, C, H, W)
+    timesteps: torch.Tensor  # (k,)
+
+    def to(self, device: torch.device | str) -> ErasureBatch:
+        return ErasureBatch(self.ids.to(device), self.noisy.to(device), self.timesteps.to(device))
+
+
+def erasure_batch(
+    ids: torch.Tensor,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler: Any,
+    latents: str,
+    gen: torch.Generator,
+) -> ErasureBatch:
+    """Pair ``k`` erasure prompts with latents: the concept batch's first ``k`` noised latents,
+    unit-Gaussian latents noised at the same timesteps, or a per-item coin flip of the two."""
+    k = ids.shape[0]
+    own, t = noisy[:k], timesteps[:k]
+    if latents == "concept":
+        return ErasureBatch(ids, own, t)
+    shape = own.shape
+    fresh = scheduler.add_noise(
+        torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), t
+    ).to(own.dtype)
+    if latents == "random":
+        return ErasureBatch(ids, fresh, t)
+    pick = (torch.rand(k, generator=gen) < 0.5).view(k, *([1] * (own.dim() - 1)))
+    return ErasureBatch(ids, torch.where(pick, fresh, own), t)
 
 
 def draw(gen: random.Random, probability: float) -> bool:

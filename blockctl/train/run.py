@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ import torch
 from blockctl import __version__
 from blockctl.adapter import AdapterMeta, write_adapter
 from blockctl.base_model import BaseFolder, resolve_base
+from blockctl.blocks import foreign_down
 from blockctl.errors import InvalidInput, SlotConflict, ValidationFailed
 from blockctl.layout import Layout, fingerprint, layout_of, load_basis, sha256_file
 from blockctl.train import checkpoint, loop, roe
@@ -173,7 +174,8 @@ def prepare(registry: Registry, request: TrainRequest, say: Say = print) -> Sess
     pool = roe.build_pool(comps.tokenizer, record.token, record.class_word, record.concept, others)
     caption_ids = loop.tokenize(comps.tokenizer, [p.caption for p in photos.photos])
 
-    model = StepModel(comps.unet, comps.text_encoder, adapter)
+    foreign = _foreign(config, layout, bases, record.slot, comps.text_encoder, say)
+    model = StepModel(comps.unet, comps.text_encoder, adapter, foreign)
     optimizer = loop.build_optimizer(config, adapter)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = loop.LoopState()
@@ -202,6 +204,27 @@ def prepare(registry: Registry, request: TrainRequest, say: Say = print) -> Sess
         photos=photos,
         resumed_from=state.step if ckpt is not None else None,
     )
+
+
+def _foreign(
+    config: TrainConfig,
+    layout: Layout,
+    bases: Mapping[int, torch.Tensor],
+    slot: int,
+    text_encoder: Any,
+    say: Say,
+) -> torch.Tensor | None:
+    """Other slots' down-projections at the text encoder's width, for token isolation."""
+    if config.token_isolation <= 0:
+        return None
+    width = int(text_encoder.config.hidden_size)
+    if width not in bases:
+        say(
+            "note: token isolation is off: no target of this layout reads the text encoder's "
+            f"{width}-wide output"
+        )
+        return None
+    return foreign_down(bases[width], slot, layout.rank, layout.slots)
 
 
 def train(

@@ -106,3 +106,17 @@ def test_wrong_shapes_raise() -> None:
         blocks.stacked_down(basis, [1, 1], 2)
     with pytest.raises(blocks.LayoutError):
         blocks.apply_delta(torch.zeros(3, 8), torch.zeros(3, 7))
+
+
+def test_foreign_share_sees_other_slots_only() -> None:
+    basis = blocks.make_basis(16, seed=1)
+    foreign = blocks.foreign_down(basis, slot=1, rank=2, slots=4)
+    assert foreign.shape == (6, 16)
+    own = blocks.slot_down(basis, 1, 2)
+    free = basis[:, 8:].T  # columns no slot owns
+    other = blocks.slot_down(basis, 3, 2)
+    assert float(blocks.foreign_share(torch.randn(5, 2) @ own, foreign)) < 1e-10
+    assert float(blocks.foreign_share(torch.randn(5, 8) @ free, foreign)) < 1e-10
+    assert float(blocks.foreign_share(torch.randn(5, 2) @ other, foreign)) == pytest.approx(1.0)
+    mixed = torch.randn(3, 2) @ other + torch.randn(3, 2) @ own
+    assert 0.0 < float(blocks.foreign_share(mixed, foreign)) < 1.0

@@ -34,6 +34,7 @@ from blockctl.train.config import TrainConfig, lr_factor
         {"roe_batch_size": 3, "batch_size": 2},
         {"mixed_precision": "fp8"},
         {"schedule": "wiggly"},
+        {"roe_latents": "noise"},
     ],
 )
 def test_bad_settings_are_invalid_input(bad: dict[str, object]) -> None:

@@ -35,22 +35,23 @@ def _session(reg: Registry, tmp_path: Path, **overrides: object) -> Session:
     return session
 
 
-@pytest.mark.parametrize("text_encoder", [False, True])
+@pytest.mark.parametrize(("text_encoder", "latents"), [(False, "concept"), (True, "mixed")])
 def test_erasure_target_is_the_base_and_student_the_adapted_model(
-    tiny_base: Path, tmp_path: Path, text_encoder: bool
+    tiny_base: Path, tmp_path: Path, text_encoder: bool, latents: str
 ) -> None:
     reg = create_registry(tmp_path / "reg", tiny_base, text_encoder=text_encoder)
-    s = _session(reg, tmp_path, roe_prob=1.0, batch_size=2)
-    noisy, t, ids, _, roe_ids = loop.micro_batch(s.inputs, 0, 0, 0)
-    assert roe_ids is not None and roe_ids.shape[0] == s.inputs.config.erasure_batch == 1
-    pred, student, target = s.model(noisy, t, ids, roe_ids)
+    s = _session(reg, tmp_path, roe_prob=1.0, batch_size=2, roe_latents=latents)
+    b = loop.micro_batch(s.inputs, 0, 0, 0)
+    e = b.erasure
+    assert e is not None and e.ids.shape[0] == s.inputs.config.erasure_batch == 1
+    pred, student, target, _ = s.model(b.noisy, b.timesteps, b.ids, e)
     assert student is not None and target is not None
     comps, adapter = s.inputs.components, s.inputs.adapter
     with torch.no_grad():
         with adapter.disabled():
-            base = comps.unet(noisy[:1], t[:1], comps.text_encoder(roe_ids)[0]).sample
-        adapted = comps.unet(noisy[:1], t[:1], comps.text_encoder(roe_ids)[0]).sample
-        concept = comps.unet(noisy, t, comps.text_encoder(ids)[0]).sample
+            base = comps.unet(e.noisy, e.timesteps, comps.text_encoder(e.ids)[0]).sample
+        adapted = comps.unet(e.noisy, e.timesteps, comps.text_encoder(e.ids)[0]).sample
+        concept = comps.unet(b.noisy, b.timesteps, comps.text_encoder(b.ids)[0]).sample
     torch.testing.assert_close(target, base, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(student, adapted, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(pred, concept, rtol=1e-4, atol=1e-5)
@@ -73,9 +74,9 @@ def test_erasure_prompts_hold_no_token_and_know_other_concepts(
     assert not any("<rex>" in p for p in prompts)
     token_id = s.inputs.adapter.embedding.token_id
     for step in range(20):
-        _, _, ids, _, roe_ids = loop.micro_batch(s.inputs, step, 0, 0)
-        assert roe_ids is not None and token_id not in roe_ids.tolist()[0]
-        assert all(token_id in row for row in ids.tolist())
+        b = loop.micro_batch(s.inputs, step, 0, 0)
+        assert b.erasure is not None and token_id not in b.erasure.ids.tolist()[0]
+        assert all(token_id in row for row in b.ids.tolist())
 
 
 def test_no_roe_and_the_draws_are_a_function_of_seed_and_step(
@@ -85,6 +86,55 @@ def test_no_roe_and_the_draws_are_a_function_of_seed_and_step(
     a = loop.micro_batch(s.inputs, 5, 0, 0)
     b = loop.micro_batch(s.inputs, 5, 0, 0)
     c = loop.micro_batch(s.inputs, 6, 0, 0)
-    assert a[4] is None
-    assert all(torch.equal(x, y) for x, y in zip(a[:4], b[:4], strict=True))
-    assert not torch.equal(a[0], c[0])
+    assert a.erasure is None
+    for x, y in ((a.noisy, b.noisy), (a.timesteps, b.timesteps), (a.ids, b.ids)):
+        assert torch.equal(x, y)
+    assert not torch.equal(a.noisy, c.noisy)
+
+
+def test_erasure_latents_modes() -> None:
+    """``concept`` reuses the concept batch, ``random`` never does, ``mixed`` does both; the
+    timesteps are always the concept batch's, and the draw is a function of the generator."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    noisy, t = torch.randn(8, 4, 8, 8), torch.arange(8) * 100
+    ids = torch.zeros(8, 5, dtype=torch.long)
+
+    def batch(mode: str, seed: int = 0) -> roe.ErasureBatch:
+        gen = torch.Generator().manual_seed(seed)
+        return roe.erasure_batch(ids, noisy, t, sched, mode, gen)
+
+    def reused(e: roe.ErasureBatch) -> list[bool]:
+        return [torch.equal(e.noisy[i], noisy[i]) for i in range(8)]
+
+    assert all(reused(batch("concept")))
+    assert not any(reused(batch("random")))
+    mixed = reused(batch("mixed"))
+    assert any(mixed) and not all(mixed)
+    assert torch.equal(batch("mixed").noisy, batch("mixed").noisy)
+    assert all(torch.equal(batch(m).timesteps, t) for m in ("concept", "mixed", "random"))
+    assert float(batch("random").noisy.std()) == pytest.approx(1.0, abs=0.15)
+
+
+def test_token_isolation_penalises_only_what_other_slots_can_see(
+    tiny_registry: Registry, tmp_path: Path
+) -> None:
+    """The penalty is the share of the token's change to the encoding inside other slots'
+    subspaces: it moves the token row, never the slot blocks, and is off by default."""
+    off = _session(tiny_registry, tmp_path)
+    assert off.model.foreign is None
+    s = _session(tiny_registry, tmp_path, token_isolation=1.0, roe=False)
+    foreign = s.model.foreign
+    assert foreign is not None
+    layout = s.layout
+    assert foreign.shape[0] == (layout.slots - 1) * layout.rank
+    with torch.no_grad():
+        s.inputs.adapter.embedding.row.add_(torch.randn_like(s.inputs.adapter.embedding.row))
+    b = loop.micro_batch(s.inputs, 0, 0, 0)
+    out = s.model(b.noisy, b.timesteps, b.ids)
+    assert out.isolation is not None and 0.0 < float(out.isolation.detach()) <= 1.0
+    out.isolation.backward()
+    row = s.inputs.adapter.embedding.row.grad
+    assert row is not None and float(row.abs().max()) > 0
+    assert all(p.grad is None for p in s.inputs.adapter.slot_parameters())

@@ -1,0 +1,64 @@
+"""Plot benchmarks/results/identity.json: one panel per metric, one line per method, vs N.
+
+pip install -e '.[bench]' && python benchmarks/identity_plot.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+PANELS = (
+    ("mean_retention", "mean retention (1 = all kept)", (1.0, None)),
+    ("mean_crosstalk", "mean crosstalk (0 = none)", (None, 0.25)),
+    ("mean_prior_interference", "mean prior interference (0 = none)", (None, 0.25)),
+    ("mean_fidelity", "mean fidelity (1 = as alone)", (1.0, None)),
+)
+STYLE = {
+    "blockctl": ("tab:green", "o", 2.5),
+    "slots-no-roe": ("tab:olive", "s", 1.5),
+    "lora-sum": ("tab:red", "^", 1.5),
+    "lora-ties": ("tab:purple", "v", 1.5),
+    "lora-dare": ("tab:blue", "D", 1.5),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=Path, default=Path("benchmarks/results/identity.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/identity.png"))
+    args = parser.parse_args()
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = json.loads(args.rows.read_text())
+    methods = [m for m in STYLE if any(r["method"] == m for r in rows)]
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
+    for ax, (key, title, (ideal, target)) in zip(axes, PANELS, strict=True):
+        for method in methods:
+            points = sorted((r["n"], r[key]) for r in rows if r["method"] == method)
+            color, marker, width = STYLE[method]
+            ax.plot(*zip(*points, strict=True), marker=marker, color=color, lw=width,
+                    label=method)  # fmt: skip
+        if target is not None:
+            ax.axhline(target, color="grey", ls="--", lw=1, label="target")
+        if ideal is not None:
+            ax.axhline(ideal, color="grey", ls=":", lw=1)
+        if key in ("mean_crosstalk", "mean_prior_interference"):
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("concepts merged (N)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Identity after merging N independently trained toy concepts", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
