@@ -32,7 +32,7 @@ from blockctl.train.config import TrainConfig
 from registry import Registry, open_registry
 
 ORDER = "rex,brick,vangogh,alice,dotty,robo,sunset,neon,zigzag,smiley,ocean,pixel,crown,heart,donut"
-LAYOUT = {"preset": DEFAULT_PRESET, "text_encoder": False}
+LAYOUT: dict[str, Any] = {"preset": DEFAULT_PRESET, "text_encoder": False}
 SLOT_METHODS: dict[str, dict[str, Any]] = {"blockctl": {}, "slots-no-roe": {"roe": False}}
 METHODS = (*SLOT_METHODS, *COMBINATIONS)
 

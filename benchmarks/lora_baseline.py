@@ -72,7 +72,7 @@ def train_lora(
     unet = inputs.components.unet
     # The slot wrappers stay (their B is zero and never trained); LoRA wraps the Linear inside.
     pattern = "|".join(m.replace(".", r"\.") + r"\.base" for m in unet_targets(reg))
-    config = LoraConfig(r=layout.rank, lora_alpha=layout.rank * layout.scale,
+    config = LoraConfig(r=layout.rank, lora_alpha=round(layout.rank * layout.scale),
                         target_modules=f"^({pattern})$")  # fmt: skip
     torch.manual_seed(cfg.seed)  # peft's random A
     inject_adapter_in_model(config, unet)
@@ -120,8 +120,8 @@ def merged_delta(
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     rank = int(_meta(concepts[0].path)["rank"])
     scale = float(_meta(concepts[0].path)["scale"])
-    config = LoraConfig(r=rank, lora_alpha=rank * scale, target_modules=list(modules))
-    model = get_peft_model(unet, config, adapter_name=concepts[0].name)
+    config = LoraConfig(r=rank, lora_alpha=round(rank * scale), target_modules=list(modules))
+    model: Any = get_peft_model(unet, config, adapter_name=concepts[0].name)
     for c in concepts[1:]:
         model.add_adapter(c.name, config)
     names = [c.name for c in concepts]

@@ -62,7 +62,7 @@ def normalise_mask(mask: np.ndarray) -> np.ndarray | None:
     sq = np.zeros((side, side), np.float32)
     oy, ox = (side - (y1 - y0)) // 2, (side - (x1 - x0)) // 2
     sq[oy : oy + y1 - y0, ox : ox + x1 - x0] = mask[y0:y1, x0:x1]
-    im = Image.fromarray((sq * 255).astype(np.uint8)).resize((CROP, CROP), Image.BILINEAR)
+    im = Image.fromarray((sq * 255).astype(np.uint8)).resize((CROP, CROP), Image.Resampling.BILINEAR)
     return np.asarray(im, np.float32).ravel() / 255
 
 
@@ -145,7 +145,7 @@ def _grid(images: list[Image.Image], rows: list[dict[str, object]], path: Path) 
     draw = ImageDraw.Draw(grid)
     for i, (im, r) in enumerate(zip(images, rows, strict=True)):
         x, y = (i % cols) * tile, (i // cols) * (tile + 24)
-        grid.paste(im.resize((tile, tile), Image.NEAREST), (x, y + 24))
+        grid.paste(im.resize((tile, tile), Image.Resampling.NEAREST), (x, y + 24))
         want = f"{r['color']} {r['shape']}"
         got = f"{r['pred_color']} {r['pred_shape']}"
         draw.text((x + 2, y), want, fill="black")

@@ -87,7 +87,8 @@ def peft_step(base_dir: Path, session: Session, rank: int, scale: float) -> Step
     caption_ids = loop.tokenize(comps.tokenizer, captions)
 
     def step(i: int) -> None:
-        noisy, t, _, target, _ = loop.micro_batch(inputs, i, 0, 0)
+        batch = loop.micro_batch(inputs, i, 0, 0)
+        noisy, t, target = batch.noisy, batch.timesteps, batch.target
         index = torch.arange(noisy.shape[0]) % caption_ids.shape[0]
         with torch.no_grad():
             cond = comps.text_encoder(caption_ids[index])[0]

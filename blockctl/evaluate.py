@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,10 @@ import torch
 
 from blockctl.apply import Modules, applied
 from blockctl.base_model import resolve_base
+from blockctl.clip_score import ClipConfig
 from blockctl.errors import InvalidInput
 from blockctl.layout import layout_of
-from blockctl.merge import plan_merge
+from blockctl.merge import MergePlan, plan_merge
 from registry.base import Registry
 
 OWN_TEMPLATES = ("a photo of {token} {cls}", "{token} {cls}")
@@ -45,9 +46,11 @@ class ConceptMetrics:
     prior_interference: float
     prior_drift: float
     delta_sq: float
+    clip_image_alignment: float | None = None  # only with a CLIP model (clip_score.py)
+    clip_text_alignment: float | None = None
 
     def to_dict(self) -> dict[str, float | str | int]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def ratio(num: float, den: float) -> float:
@@ -114,10 +117,15 @@ def concept_metrics(
 
 
 def evaluate(
-    registry: Registry, concepts: Sequence[str], merged: Path | None, config: EvalConfig
+    registry: Registry,
+    concepts: Sequence[str],
+    merged: Path | None,
+    config: EvalConfig,
+    clip: ClipConfig | None = None,
 ) -> list[ConceptMetrics]:
     """Metrics for each of ``concepts`` in the merged model at ``merged`` (a diffusers folder),
-    or, without one, in an in-memory merge of exactly ``concepts``."""
+    or, without one, in an in-memory merge of exactly ``concepts``; with ``clip``, the CLIP
+    alignment scores too."""
     if not concepts:
         raise InvalidInput("name at least one concept to evaluate")
     layout = layout_of(registry)
@@ -146,7 +154,60 @@ def evaluate(
             e_s, p_s = probe.predict(alone, own(c)), probe.predict(alone, prior(c))
         e_m, p_m = m_preds[c]
         results.append(concept_metrics(c, records[c].slot, e_b, e_s, e_m, p_b, p_s, p_m))
-    return results
+    if clip is None:
+        return results
+    scores = clip_alignment(base_dir, full_plan, concepts, merged, own, prior, clip)
+    return [
+        replace(
+            m, clip_image_alignment=scores[m.concept][0], clip_text_alignment=scores[m.concept][1]
+        )
+        for m in results
+    ]
+
+
+def clip_alignment(
+    base_dir: Path,
+    plan: MergePlan,
+    concepts: Sequence[str],
+    merged: Path | None,
+    own: Callable[[str], list[str]],
+    prior: Callable[[str], list[str]],
+    config: ClipConfig,
+) -> dict[str, tuple[float, float]]:
+    """(image alignment, text alignment) per concept; see clip_score.py."""
+    from blockctl.clip_score import Clip, image_alignment, text_alignment
+    from blockctl.sample import generate, load_pipeline
+
+    clip = Clip(config.model)
+    pipe = load_pipeline(base_dir)
+
+    def images(p: Any, prompt: str) -> list[Any]:
+        return generate(p, [prompt], config.seed, config.steps, config.guidance, config.images)[0]
+
+    def with_plan(sub: MergePlan, prompts: dict[str, str]) -> dict[str, list[Any]]:
+        modules = Modules(pipe.unet, pipe.text_encoder, pipe.tokenizer)
+        tokenizer = pipe.tokenizer
+        try:
+            with applied(sub, modules) as mod:
+                pipe.tokenizer = mod.tokenizer
+                return {c: images(pipe, p) for c, p in prompts.items()}
+        finally:
+            pipe.tokenizer = tokenizer
+
+    prompt = {c: own(c)[0] for c in concepts}
+    if merged is not None:
+        merged_pipe = load_pipeline(merged)
+        in_merged = {c: images(merged_pipe, prompt[c]) for c in concepts}
+    else:
+        in_merged = with_plan(plan, prompt)
+    out = {}
+    for c in concepts:
+        alone = with_plan(plan.only(c), {c: prompt[c]})[c]
+        out[c] = (
+            image_alignment(clip, in_merged[c], alone),
+            text_alignment(clip, in_merged[c], prior(c)[0]),
+        )
+    return out
 
 
 def _predictions(

@@ -1,0 +1,92 @@
+"""``blockctl eval``: JSON and table output, CLIP alignment with a tiny CLIP built in-process,
+and its errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from blockctl.cli import app
+from blockctl.layout import sha256_file
+from registry import Registry
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight CLIP model + processor folder, as a user's local CLIP would be."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
+
+    tok = CLIPTokenizer.from_pretrained(tiny_base / "tokenizer")
+    small = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 32}  # fmt: skip
+    config = CLIPConfig(
+        text_config={**small, "vocab_size": len(tok), "max_position_embeddings": 32},
+        vision_config={**small, "image_size": 32, "patch_size": 8},
+        projection_dim=8,
+    )
+    folder = tmp_path_factory.mktemp("clip") / "clip"
+    CLIPModel(config).save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+def _published(reg: Registry, adapter_factory, names: list[str]) -> None:  # type: ignore[no-untyped-def]
+    for i, name in enumerate(names):
+        path = adapter_factory(reg, name, seed=i, magnitude=0.5)
+        reg.publish(name, path, sha256_file(path))
+
+
+def _eval(reg: Registry, *args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, ["--registry", str(reg.location), "eval", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_eval_json_and_table(tiny_registry: Registry, adapter_factory) -> None:  # type: ignore[no-untyped-def]
+    _published(tiny_registry, adapter_factory, ["rex", "tom"])
+    code, out, _ = _eval(tiny_registry, "rex", "tom", "--samples", "2", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["concept"] for r in rows] == ["rex", "tom"]
+    assert "clip_image_alignment" not in rows[0]  # only with --clip
+    code, out, _ = _eval(tiny_registry, "rex", "--samples", "2")
+    assert code == 0 and "identity metrics" in out and "rex" in out
+
+
+def test_eval_with_clip_scores_alignment(
+    tiny_registry: Registry,
+    adapter_factory,  # type: ignore[no-untyped-def]
+    tiny_clip: Path,
+) -> None:
+    _published(tiny_registry, adapter_factory, ["rex", "tom"])
+    args = ["--samples", "2", "--clip", str(tiny_clip), "--clip-images", "2", "--json"]
+    code, out, err = _eval(tiny_registry, "rex", *args)
+    assert code == 0, err
+    (alone,) = json.loads(out)
+    # One concept merged is the concept alone: same images from the same seeds.
+    assert alone["clip_image_alignment"] == pytest.approx(1.0, abs=1e-5)
+    assert -1.0 <= alone["clip_text_alignment"] <= 1.0
+    code, out, err = _eval(tiny_registry, "rex", "tom", *args)
+    assert code == 0, err
+    rows = json.loads(out)
+    assert all(-1.0 <= r["clip_image_alignment"] <= 1.0 + 1e-6 for r in rows)
+    assert rows[0]["clip_image_alignment"] < 1.0 - 1e-6  # tom's blocks change rex's images
+
+
+def test_eval_errors(tiny_registry: Registry, adapter_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _published(tiny_registry, adapter_factory, ["rex"])
+    code, _, err = _eval(tiny_registry, "rex", "--clip", str(tmp_path))
+    assert code == 2 and "not a CLIP model folder" in err
+    code, _, err = _eval(tiny_registry, "nobody")
+    assert code != 0 and "Traceback" not in err
