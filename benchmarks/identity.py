@@ -38,7 +38,10 @@ METHODS = (*SLOT_METHODS, *COMBINATIONS)
 
 
 def settings_key(kind: str, overrides: dict[str, Any]) -> str:
-    settings = {"layout": LAYOUT, "train": TrainConfig().with_overrides(overrides).to_dict()}
+    train = TrainConfig().with_overrides(overrides).to_dict()
+    if not train["roe"]:  # ROE's settings do not change a run without it
+        train = {k: v for k, v in train.items() if not k.startswith("roe_")}
+    settings = {"layout": LAYOUT, "train": train}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return f"{kind}-{digest}"
 
@@ -46,7 +49,7 @@ def settings_key(kind: str, overrides: dict[str, Any]) -> str:
 def lora_concepts(
     work: Path, concepts: list[str], seed: int
 ) -> tuple[Registry, list[LoraConcept], dict[str, float]]:
-    folder = work / settings_key("lora", {"seed": seed})
+    folder = work / settings_key("lora", {"seed": seed, "roe": False})
     reg = open_registry(str(folder / "registry"))
     if not reg.exists():
         init_registry(reg, "toy", **LAYOUT)

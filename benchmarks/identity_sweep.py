@@ -38,9 +38,9 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         CROSS_KV,
         {"roe_prob": 1.0, "roe_weight": 30.0, "roe_latents": "mixed", "token_isolation": 1.0},
     ),
-    "p1-l10-mixed-b2": (
+    "p1-l10-b2": (
         CROSS_KV,
-        {"roe_prob": 1.0, "roe_weight": 10.0, "roe_latents": "mixed", "roe_batch_size": 2},
+        {"roe_prob": 1.0, "roe_weight": 10.0, "roe_latents": "concept", "roe_batch_size": 2},
     ),
 }
 
@@ -75,7 +75,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.around:
         add_layout_variants(args.around)
-    results = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
     for name in args.configs.split(","):
         layout, overrides = CONFIGS[name]
         reg, seconds = slot_registry(
@@ -92,6 +91,8 @@ def main() -> None:
         )
         print(line(row), f" → N=15 ≈ crosstalk {row['crosstalk_15']:.3f}, "
               f"prior {row['prior_interference_15']:.3f}", flush=True)  # fmt: skip
+        # Re-read before writing: several sweeps may run side by side, one thread each.
+        results = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
         results["rows"] = [r for r in results["rows"] if r["method"] != name] + [row]
         results["concepts"] = CONCEPTS
         results["how"] = __doc__.split("\n\n")[1]

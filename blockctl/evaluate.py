@@ -18,7 +18,7 @@ import torch
 
 from blockctl.apply import Modules, applied
 from blockctl.base_model import resolve_base
-from blockctl.clip_score import ClipConfig
+from blockctl.clip_score import Clip, ClipConfig
 from blockctl.errors import InvalidInput
 from blockctl.layout import layout_of
 from blockctl.merge import MergePlan, plan_merge
@@ -128,6 +128,7 @@ def evaluate(
     alignment scores too."""
     if not concepts:
         raise InvalidInput("name at least one concept to evaluate")
+    clip_model = Clip(clip.model) if clip is not None else None  # a bad path fails first
     layout = layout_of(registry)
     base_dir = resolve_base(layout.base)
     base = Modules.load(base_dir)
@@ -154,9 +155,9 @@ def evaluate(
             e_s, p_s = probe.predict(alone, own(c)), probe.predict(alone, prior(c))
         e_m, p_m = m_preds[c]
         results.append(concept_metrics(c, records[c].slot, e_b, e_s, e_m, p_b, p_s, p_m))
-    if clip is None:
+    if clip is None or clip_model is None:
         return results
-    scores = clip_alignment(base_dir, full_plan, concepts, merged, own, prior, clip)
+    scores = clip_alignment(clip_model, base_dir, full_plan, concepts, merged, own, prior, clip)
     return [
         replace(
             m, clip_image_alignment=scores[m.concept][0], clip_text_alignment=scores[m.concept][1]
@@ -166,6 +167,7 @@ def evaluate(
 
 
 def clip_alignment(
+    clip_model: Clip,
     base_dir: Path,
     plan: MergePlan,
     concepts: Sequence[str],
@@ -175,10 +177,9 @@ def clip_alignment(
     config: ClipConfig,
 ) -> dict[str, tuple[float, float]]:
     """(image alignment, text alignment) per concept; see clip_score.py."""
-    from blockctl.clip_score import Clip, image_alignment, text_alignment
+    from blockctl.clip_score import image_alignment, text_alignment
     from blockctl.sample import generate, load_pipeline
 
-    clip = Clip(config.model)
     pipe = load_pipeline(base_dir)
 
     def images(p: Any, prompt: str) -> list[Any]:
@@ -204,8 +205,8 @@ def clip_alignment(
     for c in concepts:
         alone = with_plan(plan.only(c), {c: prompt[c]})[c]
         out[c] = (
-            image_alignment(clip, in_merged[c], alone),
-            text_alignment(clip, in_merged[c], prior(c)[0]),
+            image_alignment(clip_model, in_merged[c], alone),
+            text_alignment(clip_model, in_merged[c], prior(c)[0]),
         )
     return out
 

@@ -18,11 +18,13 @@ RESUMABLE_OVERRIDES = ("steps", "checkpoint_every", "mixed_precision")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # Defaults measured on the toy base (benchmarks/results/train_speed.json, "defaults_tuning").
-    # A plain-colored toy concept is learnt by 150 steps at lr 1e-3; a patterned one ("rex", an
-    # orange star with black spots) needed lr 3e-3 / 1e-2 and 600 steps (~60 s on 2 CPU cores).
-    # ROE p=0.5, λ=3 cut prior drift from 0.65 (no ROE) to 0.13 on the first concept without
-    # learning less, at ~1.35× a plain LoRA step; p=1 cost 1.7× for little further gain.
+    # Defaults measured on the toy base. Steps and learning rates: a patterned concept ("rex",
+    # an orange star with black spots) needed lr 3e-3 / 1e-2 and 600 steps
+    # (benchmarks/results/train_speed.json, "defaults_tuning"). ROE: the identity sweep
+    # (benchmarks/results/identity_sweep.json): erasing every step (p=1) with λ=10 cut the
+    # crosstalk of 4 merged concepts from 0.18 to 0.09 and their prior interference from 0.25
+    # to 0.04 against p=0.5, λ=3; Gaussian latents, λ=30 and token isolation did not do
+    # better. It costs ~1.7× a plain LoRA step.
     steps: int = 600
     lr: float = 3e-3
     embedding_lr: float = 1e-2
@@ -33,8 +35,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     roe: bool = True
-    roe_prob: float = 0.5
-    roe_weight: float = 3.0
+    roe_prob: float = 1.0
+    roe_weight: float = 10.0
     # Erasure prompts per step; None: half the concept batch (at least 1), which keeps ROE's
     # extra cost (a grad pass plus a no-grad target pass) near a third of a plain step.
     roe_batch_size: int | None = None
