@@ -13,8 +13,10 @@ PANELS = (
     ("mean_retention", "mean retention (1 = all kept)", (1.0, None)),
     ("mean_crosstalk", "mean crosstalk (0 = none)", (None, 0.25)),
     ("mean_prior_interference", "mean prior interference (0 = none)", (None, 0.25)),
-    ("mean_fidelity", "mean fidelity (1 = as alone)", (1.0, None)),
+    ("mean_fidelity", "mean fidelity (1 = as alone; clipped at −6)", (1.0, None)),
 )
+LOG = ("mean_crosstalk", "mean_prior_interference")
+FIDELITY_FLOOR = -6.0
 STYLE = {
     "blockctl": ("tab:green", "o", 2.5),
     "slots-no-roe": ("tab:olive", "s", 1.5),
@@ -40,7 +42,11 @@ def main() -> None:
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
     for ax, (key, title, (ideal, target)) in zip(axes, PANELS, strict=True):
         for method in methods:
-            points = sorted((r["n"], r[key]) for r in rows if r["method"] == method)
+            points = sorted(
+                (r["n"], r[key])
+                for r in rows
+                if r["method"] == method and (key not in LOG or r[key] > 0)  # 0 at N=1
+            )
             color, marker, width = STYLE[method]
             ax.plot(*zip(*points, strict=True), marker=marker, color=color, lw=width,
                     label=method)  # fmt: skip
@@ -48,8 +54,10 @@ def main() -> None:
             ax.axhline(target, color="grey", ls="--", lw=1, label="target")
         if ideal is not None:
             ax.axhline(ideal, color="grey", ls=":", lw=1)
-        if key in ("mean_crosstalk", "mean_prior_interference"):
+        if key in LOG:
             ax.set_yscale("log")
+        if key == "mean_fidelity":
+            ax.set_ylim(FIDELITY_FLOOR, 1.1)  # DARE falls to −88 at N = 15: off the chart
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("concepts merged (N)")
         ax.grid(alpha=0.3)

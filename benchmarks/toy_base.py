@@ -62,7 +62,9 @@ def normalise_mask(mask: np.ndarray) -> np.ndarray | None:
     sq = np.zeros((side, side), np.float32)
     oy, ox = (side - (y1 - y0)) // 2, (side - (x1 - x0)) // 2
     sq[oy : oy + y1 - y0, ox : ox + x1 - x0] = mask[y0:y1, x0:x1]
-    im = Image.fromarray((sq * 255).astype(np.uint8)).resize((CROP, CROP), Image.Resampling.BILINEAR)
+    im = Image.fromarray((sq * 255).astype(np.uint8)).resize(
+        (CROP, CROP), Image.Resampling.BILINEAR
+    )
     return np.asarray(im, np.float32).ravel() / 255
 
 
