@@ -67,9 +67,15 @@ def slot_registry(
     return reg, seconds
 
 
-def summarize(metrics: Sequence[ConceptMetrics]) -> dict[str, Any]:
+def row(
+    method: str, names: list[str], metrics: Sequence[ConceptMetrics], merge_seconds: float
+) -> dict[str, Any]:
+    """One results row (the format issue #7 asks for, plus prior drift and per-concept rows)."""
     retention = [m.retention for m in metrics]
     return {
+        "method": method,
+        "n": len(names),
+        "concepts": names,
         "mean_retention": statistics.fmean(retention),
         "min_retention": min(retention),
         "mean_crosstalk": statistics.fmean(m.crosstalk for m in metrics),
@@ -78,6 +84,7 @@ def summarize(metrics: Sequence[ConceptMetrics]) -> dict[str, Any]:
         "mean_fidelity": statistics.fmean(m.fidelity for m in metrics),
         "mean_delta_sq": statistics.fmean(m.delta_sq for m in metrics),
         "per_concept": [m.to_dict() for m in metrics],
+        "merge_seconds": round(merge_seconds, 4),
     }
 
 
@@ -87,14 +94,7 @@ def slot_row(method: str, reg: Registry, subset: list[str]) -> dict[str, Any]:
         t0 = time.perf_counter()
         merge(reg, subset, MergeOptions(out=Path(tmp) / "merged"))
         merge_seconds = time.perf_counter() - t0
-    metrics = evaluate(reg, subset, None, EvalConfig())
-    return {
-        "method": method,
-        "n": len(subset),
-        "concepts": subset,
-        **summarize(metrics),
-        "merge_seconds": round(merge_seconds, 4),
-    }
+    return row(method, subset, evaluate(reg, subset, None, EvalConfig()), merge_seconds)
 
 
 def line(r: dict[str, Any]) -> str:

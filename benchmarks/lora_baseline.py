@@ -14,6 +14,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from blockctl.apply import Modules, deltas_applied
 from blockctl.base_model import resolve_base
-from blockctl.evaluate import (
-    OWN_TEMPLATES,
-    PRIOR_TEMPLATES,
-    EvalConfig,
-    Probe,
-    concept_metrics,
-)
+from blockctl.evaluate import EvalConfig, Probe, Subject, measure
 from blockctl.layout import layout_of
 from blockctl.train import loop
 from blockctl.train.config import lr_factor
@@ -148,7 +143,7 @@ def lora_row(
     method: str, base: Path, concepts: Sequence[LoraConcept], modules: Sequence[str], seed: int
 ) -> dict[str, Any]:
     """Merge (timed: load adapters, merge with peft, fuse, save the UNet), then measure."""
-    from identity_common import summarize
+    from identity_common import row
 
     base_modules = Modules.load(base)
     rows = [(c.token, load_file(str(c.path))["token"].reshape(1, -1)) for c in concepts]
@@ -158,30 +153,17 @@ def lora_row(
         m.unet.save_pretrained(Path(tmp) / "unet")  # type: ignore[operator]
     merge_seconds = time.perf_counter() - t0
 
+    by_name = {c.name: (c, token_row) for c, token_row in zip(concepts, rows, strict=True)}
+
+    def alone(s: Subject) -> AbstractContextManager[Modules]:
+        concept, token_row = by_name[s.name]
+        return deltas_applied(base_modules, own_delta(concept, modules), [token_row])
+
+    subjects = [Subject(c.name, i, c.token, c.class_word) for i, c in enumerate(concepts)]
     probe = Probe(base_modules, base / "scheduler", EvalConfig())
-
-    def own(c: LoraConcept) -> list[str]:
-        return [t.format(token=c.token, cls=c.class_word) for t in OWN_TEMPLATES]
-
-    def prior(c: LoraConcept) -> list[str]:
-        return [t.format(cls=c.class_word) for t in PRIOR_TEMPLATES]
-
-    with deltas_applied(base_modules, merged, rows) as m:
-        m_preds = {c.name: (probe.predict(m, own(c)), probe.predict(m, prior(c))) for c in concepts}
-    metrics = []
-    for i, c in enumerate(concepts):
-        e_b, p_b = probe.predict(base_modules, own(c)), probe.predict(base_modules, prior(c))
-        with deltas_applied(base_modules, own_delta(c, modules), [rows[i]]) as alone:
-            e_s, p_s = probe.predict(alone, own(c)), probe.predict(alone, prior(c))
-        e_m, p_m = m_preds[c.name]
-        metrics.append(concept_metrics(c.name, i, e_b, e_s, e_m, p_b, p_s, p_m))
-    return {
-        "method": method,
-        "n": len(concepts),
-        "concepts": [c.name for c in concepts],
-        **summarize(metrics),
-        "merge_seconds": round(merge_seconds, 4),
-    }
+    in_merged = deltas_applied(base_modules, merged, rows)
+    metrics = measure(probe, base_modules, in_merged, alone, subjects)
+    return row(method, [c.name for c in concepts], metrics, merge_seconds)
 
 
 def base_dir(reg: Registry) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,45 @@ def concept_metrics(
     )
 
 
+@dataclass(frozen=True)
+class Subject:
+    """A concept as the metrics see it: its prompts come from its token and class word."""
+
+    name: str
+    slot: int
+    token: str
+    class_word: str
+
+    def own(self) -> list[str]:
+        return [t.format(token=self.token, cls=self.class_word) for t in OWN_TEMPLATES]
+
+    def prior(self) -> list[str]:
+        return [t.format(cls=self.class_word) for t in PRIOR_TEMPLATES]
+
+
+def measure(
+    probe: Probe,
+    base: Modules,
+    merged: AbstractContextManager[Modules],
+    alone: Callable[[Subject], AbstractContextManager[Modules]],
+    subjects: Sequence[Subject],
+) -> list[ConceptMetrics]:
+    """The section-10 metrics of each subject, whatever made the merged and the alone models:
+    ``merged`` yields the merged model, ``alone(s)`` the base with s alone."""
+    with merged as mod:
+        m_preds = {
+            s.name: (probe.predict(mod, s.own()), probe.predict(mod, s.prior())) for s in subjects
+        }
+    results = []
+    for s in subjects:
+        e_b, p_b = probe.predict(base, s.own()), probe.predict(base, s.prior())
+        with alone(s) as mod:
+            e_s, p_s = probe.predict(mod, s.own()), probe.predict(mod, s.prior())
+        e_m, p_m = m_preds[s.name]
+        results.append(concept_metrics(s.name, s.slot, e_b, e_s, e_m, p_b, p_s, p_m))
+    return results
+
+
 def evaluate(
     registry: Registry,
     concepts: Sequence[str],
@@ -135,29 +175,16 @@ def evaluate(
     probe = Probe(base, base_dir / "scheduler", config)
     full_plan = plan_merge(registry, concepts, {})
     records = {r.concept: r for r in registry.slots()}
-
-    def own(c: str) -> list[str]:
-        r = records[c]
-        return [t.format(token=r.token, cls=r.class_word) for t in OWN_TEMPLATES]
-
-    def prior(c: str) -> list[str]:
-        return [t.format(cls=records[c].class_word) for t in PRIOR_TEMPLATES]
-
-    if merged is not None:
-        m_preds = _predictions(probe, Modules.load(merged), concepts, own, prior)
-    else:
-        with applied(full_plan, base) as mod:
-            m_preds = _predictions(probe, mod, concepts, own, prior)
-    results = []
-    for c in concepts:
-        e_b, p_b = probe.predict(base, own(c)), probe.predict(base, prior(c))
-        with applied(full_plan.only(c), base) as alone:
-            e_s, p_s = probe.predict(alone, own(c)), probe.predict(alone, prior(c))
-        e_m, p_m = m_preds[c]
-        results.append(concept_metrics(c, records[c].slot, e_b, e_s, e_m, p_b, p_s, p_m))
+    subjects = [
+        Subject(c, records[c].slot, records[c].token, records[c].class_word) for c in concepts
+    ]
+    in_merged = nullcontext(Modules.load(merged)) if merged else applied(full_plan, base)
+    results = measure(
+        probe, base, in_merged, lambda s: applied(full_plan.only(s.name), base), subjects
+    )
     if clip is None or clip_model is None:
         return results
-    scores = clip_alignment(clip_model, base_dir, full_plan, concepts, merged, own, prior, clip)
+    scores = clip_alignment(clip_model, base_dir, full_plan, subjects, merged, clip)
     return [
         replace(
             m, clip_image_alignment=scores[m.concept][0], clip_text_alignment=scores[m.concept][1]
@@ -170,10 +197,8 @@ def clip_alignment(
     clip_model: Clip,
     base_dir: Path,
     plan: MergePlan,
-    concepts: Sequence[str],
+    subjects: Sequence[Subject],
     merged: Path | None,
-    own: Callable[[str], list[str]],
-    prior: Callable[[str], list[str]],
     config: ClipConfig,
 ) -> dict[str, tuple[float, float]]:
     """(image alignment, text alignment) per concept; see clip_score.py."""
@@ -195,27 +220,17 @@ def clip_alignment(
         finally:
             pipe.tokenizer = tokenizer
 
-    prompt = {c: own(c)[0] for c in concepts}
+    prompt = {s.name: s.own()[0] for s in subjects}
     if merged is not None:
         merged_pipe = load_pipeline(merged)
-        in_merged = {c: images(merged_pipe, prompt[c]) for c in concepts}
+        in_merged = {c: images(merged_pipe, p) for c, p in prompt.items()}
     else:
         in_merged = with_plan(plan, prompt)
     out = {}
-    for c in concepts:
-        alone = with_plan(plan.only(c), {c: prompt[c]})[c]
-        out[c] = (
-            image_alignment(clip_model, in_merged[c], alone),
-            text_alignment(clip_model, in_merged[c], prior(c)[0]),
+    for s in subjects:
+        alone = with_plan(plan.only(s.name), {s.name: prompt[s.name]})[s.name]
+        out[s.name] = (
+            image_alignment(clip_model, in_merged[s.name], alone),
+            text_alignment(clip_model, in_merged[s.name], s.prior()[0]),
         )
     return out
-
-
-def _predictions(
-    probe: Probe,
-    modules: Modules,
-    concepts: Sequence[str],
-    own: Callable[[str], list[str]],
-    prior: Callable[[str], list[str]],
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {c: (probe.predict(modules, own(c)), probe.predict(modules, prior(c))) for c in concepts}
