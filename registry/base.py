@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from blockctl.errors import SlotConflict
+from blockctl.errors import InvalidInput, SlotConflict
+from blockctl.names import check_concept, check_token, check_word
 
 RESERVED = "reserved"
 PUBLISHED = "published"
@@ -182,3 +183,24 @@ def pool_exhausted(n: int, counts: Mapping[str, int]) -> SlotConflict:
 
 def valid_slot_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_reservation(
+    concept: str, token: str, class_word: str, owner: str, slot: int | None
+) -> None:
+    """The checks on a reservation's own input, before any backend looks at its slots."""
+    check_concept(concept)
+    check_token(token)
+    check_word("class word", class_word)
+    check_word("owner", owner)
+    if slot is not None and (isinstance(slot, bool) or not isinstance(slot, int)):
+        raise InvalidInput(f"slot must be an integer, got {slot!r}")
+
+
+def check_slot_in_range(slot: int | None, n: int) -> None:
+    if slot is not None and not 0 <= slot < n:
+        raise InvalidInput(f"slot {slot} is out of range: this registry has slots 0..{n - 1}")
+
+
+def lowest_free_slot(taken: set[int], n: int) -> int | None:
+    return next((s for s in range(n) if s not in taken), None)

@@ -56,7 +56,7 @@ from blockctl.errors import (
     SlotConflict,
     ValidationFailed,
 )
-from blockctl.names import check_concept, check_token, check_word
+from blockctl.names import check_concept, check_word
 from registry.base import (
     PUBLISHED,
     RELEASED,
@@ -64,7 +64,10 @@ from registry.base import (
     AdapterRecord,
     Registry,
     SlotRecord,
+    check_reservation,
+    check_slot_in_range,
     concept_taken,
+    lowest_free_slot,
     pool_exhausted,
     slot_taken,
     token_taken,
@@ -606,24 +609,16 @@ class HubRegistry(Registry):
         owner: str,
         slot: int | None = None,
     ) -> SlotRecord:
-        check_concept(concept)
-        check_token(token)
-        check_word("class word", class_word)
-        check_word("owner", owner)
-        if slot is not None and (isinstance(slot, bool) or not isinstance(slot, int)):
-            raise InvalidInput(f"slot must be an integer, got {slot!r}")
+        check_reservation(concept, token, class_word, owner, slot)
 
         def plan(snap: _Snapshot) -> tuple[list[CommitOp], str, SlotRecord]:
             n = snap.n_slots
-            if slot is not None and not 0 <= slot < n:
-                raise InvalidInput(
-                    f"slot {slot} is out of range: this registry has slots 0..{n - 1}"
-                )
+            check_slot_in_range(slot, n)
             records = [e.record for e in snap.entries]
             _check_names_free(records, concept, token)
             if slot is None:
                 taken = {r.slot for r in records}
-                chosen = next((s for s in range(n) if s not in taken), None)
+                chosen = lowest_free_slot(taken, n)
                 if chosen is None:
                     raise _exhausted(records, n)
             else:
