@@ -44,6 +44,13 @@ class TrainConfig:
     # Weight of the penalty on the share of the learnt token's effect on the prompt encoding
     # that falls inside OTHER slots' subspaces, where their updates would act on it.
     token_isolation: float = 0.0
+    # Bound on the learnt token row's norm, as a multiple of the vocabulary's largest row norm
+    # (0: unbounded). Unbounded rows ended 7–8× the vocabulary's largest (DESIGN section 5).
+    token_norm_bound: float = 0.0
+    # Shares of erasure prompts holding stand-in tokens, and empty (roe.py).
+    roe_standin: float = 0.0
+    roe_standin_offset: float = 1.0  # a stand-in's random offset, × its anchor row's norm
+    roe_empty: float = 0.0
     seed: int = 0
     checkpoint_every: int = 100
     mixed_precision: str = "no"
@@ -74,12 +81,23 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise InvalidInput(f"--{_flag(name)} must be a non-negative number, got {value}")
-        for name in ("weight_decay", "max_grad_norm", "roe_weight", "token_isolation"):
+        non_negative = (
+            "weight_decay", "max_grad_norm", "roe_weight", "token_isolation", "token_norm_bound",
+            "roe_standin_offset",
+        )  # fmt: skip
+        for name in non_negative:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise InvalidInput(f"--{_flag(name)} must be a non-negative number, got {value}")
-        if not 0.0 <= self.roe_prob <= 1.0:
-            raise InvalidInput(f"--roe-prob must be between 0 and 1, got {self.roe_prob}")
+        for name in ("roe_prob", "roe_standin", "roe_empty"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise InvalidInput(f"--{_flag(name)} must be between 0 and 1, got {value}")
+        if self.roe_standin + self.roe_empty > 1.0:
+            raise InvalidInput(
+                f"--roe-standin ({self.roe_standin}) and --roe-empty ({self.roe_empty}) are "
+                "shares of the same erasure prompts: together at most 1"
+            )
         if self.mixed_precision not in MIXED_PRECISION:
             raise InvalidInput(
                 f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, "

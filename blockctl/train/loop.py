@@ -15,7 +15,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,9 @@ from blockctl.train.components import Components, StepModel
 from blockctl.train.config import TrainConfig, lr_factor
 from blockctl.train.data import LatentBank
 from blockctl.train.slot_adapter import ConceptAdapter
+from blockctl.train.strength import StrengthProbe, delta_sq
+
+STRENGTH_EVERY = 50  # steps between learning-strength samples
 
 
 class TrainingInterrupted(BlockctlError):
@@ -50,6 +53,7 @@ class LoopState:
     step: int = 0
     losses: list[float] = field(default_factory=list)
     roe_steps: int = 0
+    strength: list[tuple[int, float]] = field(default_factory=list)  # (step, probe ‖δ‖²)
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class LoopInputs:
     bank: LatentBank
     caption_ids: torch.Tensor  # (N, L) token ids of each photo's caption
     pool: roe.ErasurePool
+    probe: StrengthProbe  # for the learning-strength curve (strength.py)
     out_dir: Path
     run_meta: dict[str, Any]  # identity of the run, stored in every checkpoint
     resume_hint: str
@@ -139,11 +144,25 @@ def micro_batch(inputs: LoopInputs, step: int, micro: int, rank: int) -> MicroBa
     if cfg.roe_active:
         rng = random.Random(step_seed(cfg.seed, step, micro, rank, "roe"))
         if roe.draw(rng, cfg.roe_prob):
-            ids = tokenize(comps.tokenizer, inputs.pool.sample(rng, cfg.erasure_batch))
+            mix = roe.ErasureMix(standin=cfg.roe_standin, empty=cfg.roe_empty)
+            prompts = inputs.pool.sample(rng, cfg.erasure_batch, mix)
+            embedding = inputs.adapter.embedding
+            ids, used = roe.tokenize_with_standins(
+                comps.tokenizer, prompts, embedding.scratch_start
+            )
             latent_gen = torch.Generator().manual_seed(
                 step_seed(cfg.seed, step, micro, rank, "roe-latents")
             )
             erasure = roe.erasure_batch(ids, noisy, timesteps, sched, cfg.roe_latents, latent_gen)
+            if used:
+                standin_gen = torch.Generator().manual_seed(
+                    step_seed(cfg.seed, step, micro, rank, "roe-standins")
+                )
+                rows = roe.standin_rows(
+                    embedding.base.weight, inputs.pool.anchors, used,
+                    cfg.roe_standin_offset, embedding.max_norm, standin_gen,
+                )  # fmt: skip
+                erasure = replace(erasure, standins=rows)
     return MicroBatch(noisy, timesteps, inputs.caption_ids[index], target, erasure)
 
 
@@ -170,6 +189,8 @@ def run(
             state.step += 1
             state.losses.append(total)
             state.roe_steps += int(erased)
+            if state.step % STRENGTH_EVERY == 0 or state.step == cfg.steps:
+                state.strength.append((state.step, measure_strength(inputs)))
             if progress is not None:
                 progress(state.step, total)
             if on_step is not None:
@@ -220,8 +241,14 @@ def train_step(
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            inputs.adapter.embedding.project_()
         total += float(loss.detach()) / cfg.grad_accum
     return total, erased
+
+
+def measure_strength(inputs: LoopInputs) -> float:
+    comps = inputs.components
+    return delta_sq(inputs.probe, comps.unet, comps.text_encoder, inputs.adapter)
 
 
 def _agree(accelerator: Any, requested: bool) -> bool:
@@ -243,6 +270,7 @@ def save_checkpoint(
         "config": inputs.config.to_dict(),
         "losses": state.losses,
         "roe_steps": state.roe_steps,
+        "strength": state.strength,
     }
     return checkpoint.save(
         inputs.out_dir, state.step, inputs.adapter.state_tensors(), optimizer.state_dict(), meta
@@ -257,4 +285,5 @@ def restore(ckpt: checkpoint.Checkpoint, adapter: ConceptAdapter, optimizer: Any
         step=ckpt.step,
         losses=[float(x) for x in ckpt.meta.get("losses", [])],
         roe_steps=int(ckpt.meta.get("roe_steps", 0)),
+        strength=[(int(s), float(v)) for s, v in ckpt.meta.get("strength", [])],
     )

@@ -20,7 +20,8 @@ from blockctl.train import checkpoint, loop, roe
 from blockctl.train.components import StepModel, load_components
 from blockctl.train.config import RESUMABLE_OVERRIDES, TrainConfig
 from blockctl.train.data import ConceptPhotos, default_caption, encode_photos, load_photos
-from blockctl.train.slot_adapter import attach, freeze
+from blockctl.train.slot_adapter import ConceptAdapter, attach, freeze, vocabulary_norms
+from blockctl.train.strength import make_probe
 from blockctl.verify import check_for_publish
 from registry.base import PUBLISHED, RESERVED, Registry, SlotRecord
 
@@ -163,6 +164,7 @@ def prepare(registry: Registry, request: TrainRequest, say: Say = print) -> Sess
         comps.tokenizer,
         record.token,
         record.class_word,
+        config.token_norm_bound,
     )
     comps.unet.to(device)
     comps.text_encoder.to(device)
@@ -189,6 +191,7 @@ def prepare(registry: Registry, request: TrainRequest, say: Say = print) -> Sess
         bank=bank,
         caption_ids=caption_ids,
         pool=pool,
+        probe=make_probe(bank, caption_ids, comps.noise_scheduler, config.seed),
         out_dir=request.out_dir,
         run_meta=_run_meta(record, layout),
         resume_hint=request.resume_hint,
@@ -260,7 +263,7 @@ def train(
             scale=layout.scale,
             layout_hash=layout.layout_hash,
             base_fingerprint=layout.base_fingerprint,
-            training=_training_meta(config, len(photos), state, final_loss),
+            training=_training_meta(config, len(photos), state, final_loss, adapter),
         )
         write_adapter(adapter_path, adapter.state_tensors(), meta)
         check_for_publish(adapter_path, layout, registry)
@@ -324,14 +327,24 @@ def _run_meta(record: SlotRecord, layout: Layout) -> dict[str, Any]:
 
 
 def _training_meta(
-    config: TrainConfig, photos: int, state: loop.LoopState, final_loss: float
+    config: TrainConfig,
+    photos: int,
+    state: loop.LoopState,
+    final_loss: float,
+    adapter: ConceptAdapter,
 ) -> dict[str, Any]:
+    embedding = adapter.embedding
     return {
         "trainer": f"blockctl {__version__}",
         **config.to_dict(),
         "photos": photos,
         "roe_steps": state.roe_steps,
         "final_loss": final_loss,
+        "strength": [[s, round(v, 8)] for s, v in state.strength],
+        # where the learnt token ended, against the vocabulary it must stay among
+        "token_norm": round(float(embedding.row.detach().norm()), 4),
+        "token_init_norm": round(float(embedding.initial.norm()), 4),
+        "vocabulary_norms": vocabulary_norms(embedding.base.weight).to_dict(),
     }
 
 
