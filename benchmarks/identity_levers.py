@@ -82,7 +82,7 @@ def main() -> None:
         if args.train_only:
             continue
         t0 = time.perf_counter()
-        row = slot_row(name, reg, CONCEPTS)
+        row = slot_row(name, reg, CONCEPTS, args.seed)
         row.update(
             overrides=overrides,
             train_seconds=seconds or None,
