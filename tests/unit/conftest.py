@@ -1,5 +1,5 @@
-"""Fixtures shared by the Hub registry tests: a layout, the in-process Hub stand-in, and a
-registry created on it."""
+"""Fixtures shared by the Hub registry tests: a layout, and a registry created on the test Hub
+(``tests.support.hub_server``, reached over HTTP)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from registry.hub import HubRegistry
-from tests.hub_standin import FakeHub, hub_registry, tiny_layout
+from tests.support.hub_fixtures import HubServer, hub_registry, tiny_layout
 
 
 @pytest.fixture(scope="module")
@@ -18,12 +18,8 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Pa
 
 
 @pytest.fixture
-def hub(tmp_path: Path) -> FakeHub:
-    return FakeHub(tmp_path / "hf-cache")
-
-
-@pytest.fixture
-def reg(hub: FakeHub, tmp_path: Path, layout: tuple[dict[str, Any], Path]) -> HubRegistry:
-    r = hub_registry(hub, tmp_path / "state")
+def reg(hub: HubServer, tmp_path: Path, layout: tuple[dict[str, Any], Path]) -> HubRegistry:
+    """``hf://acme/blocks``, just created."""
+    r: HubRegistry = hub_registry(tmp_path / "state")
     r.create(*layout)
     return r
