@@ -102,7 +102,7 @@ def make_api() -> HfApi:
 
 @dataclass(frozen=True)
 class HubOptions:
-    max_tries: int = 8  # commits attempted per change before giving up as "busy"
+    max_tries: int = 12  # commits per change before "busy" (8 racing writers needed up to 6)
     backoff_s: float = 0.1  # first retry delay; doubles per try, jittered, capped
     backoff_cap_s: float = 2.0
     max_age_s: float = 5.0  # reads reuse the state seen this recently (writes never do)
