@@ -1,8 +1,9 @@
-"""Fixtures shared by the Hub registry tests: a layout, and a registry created on the test Hub
-(``tests.support.hub_server``, reached over HTTP)."""
+"""Fixtures shared by the registry tests: a layout, a registry created on the test Hub
+(``tests.support.hub_server``, reached over HTTP), an adapter file to publish."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -23,3 +24,12 @@ def reg(hub: HubServer, tmp_path: Path, layout: tuple[dict[str, Any], Path]) -> 
     r: HubRegistry = hub_registry(tmp_path / "state")
     r.create(*layout)
     return r
+
+
+@pytest.fixture
+def adapter(tmp_path: Path) -> tuple[Path, str]:
+    """Bytes to publish (the registries never parse them) and their sha256."""
+    path = tmp_path / "adapter.safetensors"
+    data = b"adapter bytes " * 100
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()

@@ -93,14 +93,6 @@ def reg(backend: Backend) -> Registry:
     return backend.make(16)
 
 
-@pytest.fixture
-def adapter(tmp_path: Path) -> tuple[Path, str]:
-    path = tmp_path / "adapter.safetensors"
-    data = b"adapter bytes " * 100
-    path.write_bytes(data)
-    return path, sha(data)
-
-
 def snapshot(backend: Backend, reg: Registry) -> tuple[Any, ...]:
     """Everything a refused call must leave alone."""
     return reg.slots(), reg.adapters(), backend.marker(reg)

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +18,8 @@ from blockctl.errors import RegistryUnavailable, SlotConflict
 from blockctl.layout import sha256_file
 from registry.hub import HubRegistry
 from tests.conftest import AdapterFactory
-from tests.support.hub_fixtures import REPO, REPO_ROOT, URL, HubServer, hub_registry, tiny_layout
+from tests.support.hub_fixtures import REPO, URL, HubServer, hub_registry, tiny_layout
+from tests.support.processes import run_together
 
 T = TypeVar("T")
 PREUPLOAD = r"^POST /api/models/acme/blocks/preupload/main"
@@ -71,18 +69,13 @@ def race(hub: HubServer, first: Callable[[], T], meanwhile: Callable[[], Any]) -
 
 
 WORKER = r"""
-import json, os, sys, time
-how, url, concept, ready, go = sys.argv[1:6]
+import json, sys
+how, url, concept = sys.argv[1:4]
 if how == "cli":
-    from blockctl.cli import main  # imports done before the barrier
+    from blockctl.cli import main
 else:
     from registry import open_registry
-open(ready, "w").close()
-deadline = time.monotonic() + 120
-while not os.path.exists(go):
-    if time.monotonic() > deadline:
-        sys.exit("barrier timeout")
-    time.sleep(0.002)
+wait_for_go()  # imports done
 if how == "cli":
     sys.argv = ["blockctl", "--registry", url, "reserve-slot", concept, "--class-word", "dog",
                 "--owner", "owner-" + concept, "--json"]
@@ -98,31 +91,10 @@ def test_eight_processes_reserve_eight_distinct_slots(
     reg: HubRegistry, hub: HubServer, tmp_path: Path, how: str
 ) -> None:
     """8 processes reserve at once, with the default retry settings, over real HTTP."""
-    barrier = tmp_path / "barrier"
-    barrier.mkdir()
-    concepts = [f"c{i}" for i in range(8)]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, how, URL, c, str(barrier / c), str(barrier / "go")],
-            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for c in concepts
-    ]  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not all((barrier / c).exists() for c in concepts):
-            assert time.monotonic() < deadline, "workers did not get ready"
-            assert all(p.poll() is None for p in procs), "a worker died before the barrier"
-            time.sleep(0.02)
-        (barrier / "go").touch()
-        outs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0] * 8, [err for _, err in outs]
-    got = {json.loads(out)["concept"]: json.loads(out)["slot"] for out, _ in outs}
+    argvs = [[how, URL, f"c{i}"] for i in range(8)]
+    outs = run_together(WORKER, argvs, tmp_path / "race")
+    assert [code for code, _, _ in outs] == [0] * 8, [err for _, _, err in outs]
+    got = {json.loads(out)["concept"]: json.loads(out)["slot"] for _, out, _ in outs}
     assert sorted(got.values()) == list(range(8))
     assert {s: f["concept"] for s, f in slot_files(hub).items()} == {s: c for c, s in got.items()}
     history = hub.history(*REPO)  # linear: one commit per reservation, each on its parent

@@ -121,23 +121,31 @@ def test_a_damaged_adapter_stops_the_mirror(
     assert local.slots() == []  # refused before rex was even reserved
 
 
-def test_refusals_change_nothing(
-    source: HubRegistry, tmp_path: Path, layout: tuple[dict[str, Any], Path]
+@pytest.mark.parametrize(
+    ("held", "match"),
+    [
+        (("other", "<other>", 0), r"slot 0 holds 'other'.*clashes with 'rex'"),
+        (("TABBY", "<x>", 2), r"'TABBY'.*clashes with 'tabby'"),  # names compare by fold
+        (("ok", "<ＴＡＢＢＹ>", 2), r"token '<ＴＡＢＢＹ>'.*clashes with 'tabby'"),
+    ],
+)
+def test_clashing_targets_are_refused_before_any_change(
+    source: HubRegistry,
+    tmp_path: Path,
+    layout: tuple[dict[str, Any], Path],
+    held: tuple[str, str, int],
+    match: str,
 ) -> None:
     local = LocalRegistry(tmp_path / "reg")
     local.create(*layout)
-    local.reserve("other", "<other>", "dog", "me", slot=0)
-    with pytest.raises(SlotConflict, match=r"slot 0 holds 'other'.*clashes with 'rex'"):
+    concept, token, slot = held
+    local.reserve(concept, token, "dog", "me", slot=slot)
+    with pytest.raises(SlotConflict, match=match):
         mirror(source, local)
-    assert [r.concept for r in local.slots()] == ["other"]
-    # names clash as the registries compare them (by fold), not only when equal
-    folded = LocalRegistry(tmp_path / "reg3")
-    folded.create(*layout)
-    folded.reserve("TABBY", "<x>", "cat", "me", slot=2)
-    with pytest.raises(SlotConflict, match=r"'TABBY'.*clashes with 'tabby'"):
-        mirror(source, folded)
-    assert [r.concept for r in folded.slots()] == ["TABBY"]
+    assert [r.concept for r in local.slots()] == [concept]
 
+
+def test_other_refusals(source: HubRegistry, tmp_path: Path) -> None:
     different, basis = tiny_layout(tmp_path, slots=2)
     elsewhere = LocalRegistry(tmp_path / "reg2")
     elsewhere.create(different, basis)

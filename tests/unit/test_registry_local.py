@@ -6,9 +6,6 @@ import hashlib
 import json
 import os
 import sqlite3
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -20,8 +17,8 @@ from blockctl.errors import InvalidInput, RegistryUnavailable, SlotConflict
 from registry import LocalRegistry, Registry, open_registry
 from registry import migrations as mig
 from registry.base import PUBLISHED
+from tests.support.processes import run_together
 
-REPO = Path(__file__).resolve().parents[2]
 LAYOUT: dict[str, Any] = {"slots": 16, "rank": 4, "targets": ["down.0.attn2.to_k"], "seed": 0}
 BASIS = b"not really safetensors, the backend does not parse it"
 
@@ -67,14 +64,6 @@ def reg(tmp_path: Path, basis: Path) -> Iterator[LocalRegistry]:
     r = make_registry(tmp_path / "reg", basis)
     yield r
     r.close()
-
-
-@pytest.fixture
-def adapter(tmp_path: Path) -> tuple[Path, str]:
-    path = tmp_path / "adapter.safetensors"
-    data = b"adapter bytes " * 100
-    path.write_bytes(data)
-    return path, sha(data)
 
 
 # -- opening and creating ------------------------------------------------------------------------
@@ -195,19 +184,7 @@ def test_reopen_preserves_data(
 
 
 @pytest.mark.parametrize(
-    "args",
-    [
-        ("", "<x>", "dog", "me"),
-        ("a b", "<x>", "dog", "me"),
-        ("../etc", "<x>", "dog", "me"),
-        ("-dash", "<x>", "dog", "me"),
-        ("x" * 65, "<x>", "dog", "me"),
-        ("ok", "", "dog", "me"),
-        ("ok", "<a b>", "dog", "me"),
-        ("ok", "<x>", "", "me"),
-        ("ok", "<x>", "dog", "a/b"),
-        ("ok", "<x>", "dog\n", "me"),
-    ],
+    "args", [("../etc", "<x>", "dog", "me"), ("ok", "<a b>", "dog", "me"), ("ok", "<x>", "", "me")]
 )
 def test_reserve_bad_names_before_touching_the_db(
     tmp_path: Path, args: tuple[str, str, str, str]
@@ -435,15 +412,10 @@ def test_released_adapter_stays_readable(reg: LocalRegistry, adapter: tuple[Path
 # -- concurrency -----------------------------------------------------------------------------------
 
 WORKER = r"""
-import json, os, sys, time
-root, concept, ready, go = sys.argv[1:5]
-from registry.local import LocalRegistry  # imports done before the barrier
-open(ready, "w").close()
-deadline = time.monotonic() + 60
-while not os.path.exists(go):
-    if time.monotonic() > deadline:
-        sys.exit("barrier timeout")
-    time.sleep(0.001)
+import json, sys
+root, concept = sys.argv[1:3]
+from registry.local import LocalRegistry
+wait_for_go()
 rec = LocalRegistry(root).reserve(concept, "<" + concept + ">", "thing", "owner-" + concept)
 print(json.dumps(rec.to_dict()))
 """
@@ -452,38 +424,10 @@ print(json.dumps(rec.to_dict()))
 def test_sixteen_processes_get_sixteen_distinct_slots(tmp_path: Path, basis: Path) -> None:
     reg = make_registry(tmp_path / "reg", basis, slots=16)
     reg.close()
-    barrier = tmp_path / "barrier"
-    barrier.mkdir()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
     concepts = [f"c{i:02d}" for i in range(16)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(reg.root), c, str(barrier / c), str(barrier / "go")],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for c in concepts
-    ]  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not all((barrier / c).exists() for c in concepts):
-            assert time.monotonic() < deadline, "workers did not get ready"
-            assert all(p.poll() is None for p in procs), "a worker died before the barrier"
-            time.sleep(0.01)
-        (barrier / "go").touch()
-        outs = [p.communicate(timeout=90) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0] * 16, [err for _, err in outs]
-    got = {json.loads(out)["concept"]: json.loads(out)["slot"] for out, _ in outs}
+    outs = run_together(WORKER, [[str(reg.root), c] for c in concepts], tmp_path / "race")
+    assert [code for code, _, _ in outs] == [0] * 16, [err for _, _, err in outs]
+    got = {json.loads(out)["concept"]: json.loads(out)["slot"] for _, out, _ in outs}
     assert sorted(got.values()) == list(range(16))
     final = LocalRegistry(reg.root)
     assert {s.concept: s.slot for s in final.slots()} == got
