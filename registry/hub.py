@@ -36,7 +36,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -544,13 +544,12 @@ class HubRegistry(Registry):
         self._ensure_repo()
 
         def plan(snap: _Snapshot) -> tuple[list[CommitOp], str, None]:
-            files = snap.files
+            files = _registry_files(snap.files)
             if LAYOUT_FILE in files:
                 raise InvalidInput(f"a registry already exists at {self.location}")
-            ours = [p for p in files if p == BASIS_FILE or p.startswith(("slots/", "adapters/"))]
-            if ours:
+            if files:
                 raise InvalidInput(
-                    f"{self.location} is not empty (it has {ours[0]})",
+                    f"{self.location} is not empty (it has {files[0]})",
                     hint="create the registry in a new repo",
                 )
             ops: list[CommitOp] = [
@@ -562,7 +561,9 @@ class HubRegistry(Registry):
         self._change(plan, raw=True)
 
     def _ensure_repo(self) -> None:
-        """Make the repo, and the branch, if they do not exist yet."""
+        """Make the repo, and the branch, if they do not exist yet. A new branch starts at
+        the head of the repo's default branch, so it is refused (before anything is made) when
+        that holds registry files: the branch would start as a copy of that registry."""
         u = self.url
         with self._calls():
             try:
@@ -578,8 +579,19 @@ class HubRegistry(Registry):
                 )
                 if u.branch == DEFAULT_BRANCH:
                     return
-            # a new branch starts at the head of the repo's default branch
-            self.api.create_branch(u.repo_id, branch=u.branch, exist_ok=True, **self._kw())
+            start = str(self.api.repo_info(u.repo_id, **self._kw()).sha)
+            tree = self.api.list_repo_tree(u.repo_id, recursive=True, revision=start, **self._kw())
+            inherited = _registry_files([f.path for f in tree if isinstance(f, RepoFile)])
+            if inherited:
+                raise InvalidInput(
+                    f"cannot create branch {u.branch!r} of {u.repo_id} for a new registry: it "
+                    f"would start as a copy of the default branch, which holds {inherited[0]}",
+                    hint="create the registry in another repo, or make the branch yourself "
+                    "from a commit without registry files",
+                )
+            self.api.create_branch(
+                u.repo_id, branch=u.branch, revision=start, exist_ok=True, **self._kw()
+            )
 
     def layout(self) -> dict[str, Any]:
         return copy.deepcopy(self._snapshot().layout)
@@ -738,6 +750,13 @@ def _publishable(snap: _Snapshot, concept: str) -> _Entry:
     check_publishable(entry.record if entry else None, concept)
     assert entry is not None
     return entry
+
+
+def _registry_files(paths: Iterable[str]) -> list[str]:
+    """The paths among ``paths`` that a registry writes (layout first, if there)."""
+    folders = (f"{SLOTS_DIR}/", f"{ADAPTERS_DIR}/")
+    ours = [p for p in paths if p in (LAYOUT_FILE, BASIS_FILE) or p.startswith(folders)]
+    return sorted(ours, key=lambda p: (p != LAYOUT_FILE, p))
 
 
 def _sent_commit(exc: httpx2.TransportError) -> bool:

@@ -152,6 +152,11 @@ class HubServer:
         head: str = self._repo(kind, repo_id, branch)["head"]
         return head
 
+    def branches(self, kind: str, repo_id: str) -> dict[str, str]:
+        """Branch name -> head commit."""
+        got: dict[str, str] = self._repo(kind, repo_id, "main")["branches"]
+        return got
+
     def history(self, kind: str, repo_id: str, branch: str = "main") -> list[Commit]:
         """Commits from the head back to the first."""
         doc = self._repo(kind, repo_id, branch)

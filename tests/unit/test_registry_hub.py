@@ -178,6 +178,7 @@ def test_create_makes_a_missing_branch(
     assert "branch or revision 'dev' does not exist" in msg and "init" in msg
     dev.create(*layout)
     assert dev.layout() == layout[0] and hub.head(*REPO) == main  # main untouched
+    assert sorted(hub.branches(*REPO)) == ["dev", "main"]
     assert hub.history(*REPO, branch="dev")[1].sha == main  # dev starts at main's head
     assert dev.reserve("rex", "<rex>", "dog", "me").slot == 0
     # a new repo and a new branch at once
@@ -185,6 +186,17 @@ def test_create_makes_a_missing_branch(
     fresh.create(*layout)
     assert "layout.json" in hub.tree("dataset", "acme/new", "team-a")
     assert "layout.json" not in hub.tree("dataset", "acme/new", "main")
+
+
+def test_no_branch_that_would_copy_a_registry(
+    reg: HubRegistry, hub: HubServer, tmp_path: Path, layout: tuple[dict[str, Any], Path]
+) -> None:
+    other = hub_registry(tmp_path / "s1", "hf://acme/blocks@team-b")
+    with pytest.raises(InvalidInput, match="would start as a copy of the default branch") as info:
+        other.create(*layout)
+    assert "layout.json" in info.value.message
+    assert not [r for r in hub.requests() if "/branch/" in r]  # refused before making it
+    assert list(hub.branches(*REPO)) == ["main"]
 
 
 # -- the repo format ------------------------------------------------------------------------------
