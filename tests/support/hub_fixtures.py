@@ -79,6 +79,9 @@ class HubServer:
                 self.proc.kill()
                 self.proc.wait()
 
+    def close(self) -> None:
+        self._http.close()
+
     def wait_dead(self, timeout: float = 10) -> int:
         assert self.proc is not None
         return self.proc.wait(timeout)
@@ -213,6 +216,7 @@ def hub_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
     server.start()
     yield server
     server.stop()
+    server.close()
 
 
 @pytest.fixture

@@ -171,6 +171,15 @@ def test_tokens_clash_by_the_one_unicode_rule(
     assert reg.reserve("c", other + "2", "dog", "me").slot == 1  # only equal names clash
 
 
+@given(st.text(max_size=12))
+def test_fold_is_stable(name: str) -> None:
+    """Folding twice changes nothing, and case folding first changes nothing: one rule, well
+    defined (e.g. a stored folded key still matches its name's fold)."""
+    assert fold(fold(name)) == fold(name) == fold(name.casefold())
+    if name.isascii():
+        assert fold(name.upper()) == fold(name.lower()) == name.lower()
+
+
 def test_exhausted(backend: Backend, adapter: tuple[Path, str]) -> None:
     reg = backend.make(3)
     for c in ("a", "b", "c"):
