@@ -91,6 +91,45 @@ def train(
         "encoding out of other slots' subspaces (0 = off).",
         show_default=_default("token_isolation"),
     ),
+    token_norm_bound: float = typer.Option(
+        None,
+        "--token-norm-bound",
+        help="Keep the learnt token's norm within this multiple of the vocabulary's largest "
+        "row norm (0 = unbounded).",
+        show_default=_default("token_norm_bound"),
+    ),
+    roe_standin: float = typer.Option(
+        None,
+        "--roe-standin",
+        help="Share of erasure prompts holding random stand-in tokens where another "
+        "concept's token would sit.",
+        show_default=_default("roe_standin"),
+    ),
+    roe_standin_offset: float = typer.Option(
+        None,
+        "--roe-standin-offset",
+        help="A stand-in's random offset from its vocabulary row, × that row's norm.",
+        show_default=_default("roe_standin_offset"),
+    ),
+    roe_empty: float = typer.Option(
+        None,
+        "--roe-empty",
+        help="Share of erasure prompts that are the empty prompt (what guidance subtracts).",
+        show_default=_default("roe_empty"),
+    ),
+    strength_target: float = typer.Option(
+        None,
+        "--strength-target",
+        help="Stop once the concept's learning strength (probe ‖δ‖²) reaches this; --steps is "
+        "then the most a slow learner takes (0 = train exactly --steps).",
+        show_default=_default("strength_target"),
+    ),
+    min_steps: int = typer.Option(
+        None,
+        "--min-steps",
+        help="Fewest steps before --strength-target may stop training.",
+        show_default=_default("min_steps"),
+    ),
     seed: int = typer.Option(
         None, "--seed", help="Seed of every random draw.", show_default=_default("seed")
     ),
@@ -145,6 +184,12 @@ def train(
         roe_batch_size=roe_batch_size,
         roe_latents=roe_latents,
         token_isolation=token_isolation,
+        token_norm_bound=token_norm_bound,
+        roe_standin=roe_standin,
+        roe_standin_offset=roe_standin_offset,
+        roe_empty=roe_empty,
+        strength_target=strength_target,
+        min_steps=min_steps,
         seed=seed,
         checkpoint_every=checkpoint_every,
         mixed_precision=mixed_precision,

@@ -13,7 +13,7 @@ SCHEDULES = ("constant", "cosine", "linear")
 ROE_LATENTS = ("concept", "mixed", "random")  # where erasure prompts are asked: see roe.py
 # Settings that change what a step computes: a resumed run must use the checkpoint's values to
 # reproduce an uninterrupted one. ``steps`` and ``checkpoint_every`` may change on resume.
-RESUMABLE_OVERRIDES = ("steps", "checkpoint_every", "mixed_precision")
+RESUMABLE_OVERRIDES = ("steps", "checkpoint_every", "mixed_precision", "strength_target")
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,18 @@ class TrainConfig:
     roe_standin: float = 0.0
     roe_standin_offset: float = 1.0  # a stand-in's random offset, × its anchor row's norm
     roe_empty: float = 0.0
+    # Equal learning strength: stop once the concept's strength (strength.py: probe ‖δ‖²,
+    # averaged over the last samples) reaches this, after at least ``min_steps``; ``steps`` is
+    # then the most a slow learner may take. 0: train exactly ``steps``.
+    strength_target: float = 0.0
+    min_steps: int = 100
     seed: int = 0
     checkpoint_every: int = 100
     mixed_precision: str = "no"
     flip: bool = True
 
     def __post_init__(self) -> None:
-        positive_ints = ("steps", "batch_size", "grad_accum", "checkpoint_every")
+        positive_ints = ("steps", "batch_size", "grad_accum", "checkpoint_every", "min_steps")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -83,7 +88,7 @@ class TrainConfig:
                 raise InvalidInput(f"--{_flag(name)} must be a non-negative number, got {value}")
         non_negative = (
             "weight_decay", "max_grad_norm", "roe_weight", "token_isolation", "token_norm_bound",
-            "roe_standin_offset",
+            "roe_standin_offset", "strength_target",
         )  # fmt: skip
         for name in non_negative:
             value = getattr(self, name)

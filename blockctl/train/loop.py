@@ -28,7 +28,7 @@ from blockctl.train.components import Components, StepModel
 from blockctl.train.config import TrainConfig, lr_factor
 from blockctl.train.data import LatentBank
 from blockctl.train.slot_adapter import ConceptAdapter
-from blockctl.train.strength import StrengthProbe, delta_sq
+from blockctl.train.strength import StrengthProbe, delta_sq, reached
 
 STRENGTH_EVERY = 50  # steps between learning-strength samples
 
@@ -54,6 +54,7 @@ class LoopState:
     losses: list[float] = field(default_factory=list)
     roe_steps: int = 0
     strength: list[tuple[int, float]] = field(default_factory=list)  # (step, probe ‖δ‖²)
+    strong_enough: bool = False  # the strength target was reached: training is done
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,8 @@ def run(
     flag = StopFlag()
     saved_at = state.step
     with ctrl_c_stops(flag):
-        while state.step < cfg.steps:
+        state.strong_enough = strong_enough(cfg, state)  # a resumed run may already be done
+        while state.step < cfg.steps and not state.strong_enough:
             factor = lr_factor(cfg, state.step)
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * factor
@@ -191,12 +193,14 @@ def run(
             state.roe_steps += int(erased)
             if state.step % STRENGTH_EVERY == 0 or state.step == cfg.steps:
                 state.strength.append((state.step, measure_strength(inputs)))
+                state.strong_enough = _agree(accelerator, strong_enough(cfg, state))
             if progress is not None:
                 progress(state.step, total)
             if on_step is not None:
                 on_step(state.step, flag)
             stop = _agree(accelerator, flag.requested)
-            if stop or (state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps):
+            more = state.step < cfg.steps and not state.strong_enough
+            if stop or (state.step % cfg.checkpoint_every == 0 and more):
                 save_checkpoint(inputs, accelerator, optimizer, state)
                 saved_at = state.step
             if stop:
@@ -246,13 +250,21 @@ def train_step(
     return total, erased
 
 
+def strong_enough(config: TrainConfig, state: LoopState) -> bool:
+    """Whether a run with a strength target may stop at ``state.step``."""
+    if config.strength_target <= 0 or state.step < config.min_steps:
+        return False
+    return reached(state.strength, config.strength_target)
+
+
 def measure_strength(inputs: LoopInputs) -> float:
     comps = inputs.components
     return delta_sq(inputs.probe, comps.unet, comps.text_encoder, inputs.adapter)
 
 
 def _agree(accelerator: Any, requested: bool) -> bool:
-    """All processes stop at the same step, or DDP would wait forever on the others."""
+    """All processes stop at the same step, or DDP would wait forever on the others: any
+    process's request stops them all."""
     if accelerator.num_processes == 1:
         return requested
     flag = torch.tensor([1.0 if requested else 0.0], device=accelerator.device)

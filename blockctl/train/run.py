@@ -338,6 +338,7 @@ def _training_meta(
         "trainer": f"blockctl {__version__}",
         **config.to_dict(),
         "photos": photos,
+        "steps_taken": state.step,
         "roe_steps": state.roe_steps,
         "final_loss": final_loss,
         "strength": [[s, round(v, 8)] for s, v in state.strength],

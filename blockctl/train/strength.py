@@ -19,6 +19,7 @@ from torch import nn
 from blockctl.train.data import LatentBank
 from blockctl.train.slot_adapter import ConceptAdapter
 
+WINDOW = 3  # samples averaged before comparing with a target: the curve is noisy step to step
 PROBE_ITEMS = 4
 PROBE_TIMES = (0.2, 0.4, 0.6, 0.8)  # of the schedule: away from the extremes, as eval's probe
 
@@ -58,3 +59,16 @@ def delta_sq(
     with adapter.disabled():
         off = unet(noisy, t, text_encoder(ids)[0]).sample
     return float(((on.float() - off.float()) ** 2).mean())
+
+
+def smoothed(curve: list[tuple[int, float]], window: int = WINDOW) -> float | None:
+    """Mean of the last ``window`` samples, or None before there are that many."""
+    if len(curve) < window:
+        return None
+    return sum(v for _, v in curve[-window:]) / window
+
+
+def reached(curve: list[tuple[int, float]], target: float, window: int = WINDOW) -> bool:
+    """Whether the smoothed strength has reached ``target`` (> 0)."""
+    value = smoothed(curve, window)
+    return value is not None and value >= target

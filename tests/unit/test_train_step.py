@@ -185,3 +185,19 @@ def test_bound_holds_through_training_and_the_strength_curve_is_kept(
     assert emb.max_norm is not None and float(emb.row.norm()) <= emb.max_norm + 1e-6
     assert [step for step, _ in state.strength] == [4]  # every 50 steps, and the last
     assert state.strength[0][1] > 0
+
+
+def test_strength_target_stops_a_run_early_and_a_high_one_runs_to_the_end(
+    tiny_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blockctl.train.strength import smoothed
+
+    monkeypatch.setattr(loop, "STRENGTH_EVERY", 2)  # sample every 2 steps: a short test
+    low = _session(tiny_registry, tmp_path, steps=40, strength_target=1e-12, min_steps=4)
+    state = loop.run(low.inputs, low.accelerator, low.model, low.optimizer, low.state)
+    assert state.step == 6 and state.strong_enough  # 3 samples (2, 4, 6) to smooth over
+    assert [s for s, _ in state.strength] == [2, 4, 6]
+    high = _session(tiny_registry, tmp_path, steps=4, strength_target=1e9, min_steps=1)
+    state = loop.run(high.inputs, high.accelerator, high.model, high.optimizer, high.state)
+    assert state.step == 4 and not state.strong_enough
+    assert smoothed([(1, 1.0), (2, 2.0)]) is None and smoothed([(1, 1.0)] * 3) == 1.0
