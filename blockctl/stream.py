@@ -12,6 +12,7 @@ import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,18 +129,20 @@ class StreamWriter:
             return
         reader, offset, nbytes = self._run
         self._run = None
+        # Linux only: macOS and Windows have no ``os.copy_file_range``.
+        kernel_copy = getattr(os, "copy_file_range", None)
         done = 0
         try:
-            while done < nbytes:
-                n = os.copy_file_range(
-                    reader.fileno(), self._fh.fileno(), nbytes - done, offset + done
-                )
+            while kernel_copy is not None and done < nbytes:
+                n = kernel_copy(reader.fileno(), self._fh.fileno(), nbytes - done, offset + done)
                 if n == 0:
                     raise ValueError(f"{reader.path.name}: truncated tensor data")
                 done += n
-        except OSError:  # no kernel copy between these filesystems: copy through memory
-            for start in range(offset + done, offset + nbytes, _CHUNK):
-                self._write_all(reader.read_bytes(start, min(_CHUNK, offset + nbytes - start)))
+        except OSError:  # no kernel copy between these filesystems
+            pass
+        # Whatever the kernel did not copy goes through memory, in bounded chunks.
+        for start in range(offset + done, offset + nbytes, _CHUNK):
+            self._write_all(reader.read_bytes(start, min(_CHUNK, offset + nbytes - start)))
 
     def close(self) -> None:
         """Finish the file; an incomplete file is an error (the caller discards it)."""
@@ -201,6 +204,7 @@ class TensorReader:
         (n,) = struct.unpack("<Q", self._fh.read(8))
         self._header = json.loads(self._fh.read(n))
         self._start = 8 + n
+        self._lock = threading.Lock()
 
     def keys_in_file_order(self) -> list[str]:
         tensors = [k for k in self._header if k != "__metadata__"]
@@ -218,16 +222,26 @@ class TensorReader:
         return self._fh.fileno()
 
     def read_bytes(self, offset: int, nbytes: int) -> bytearray:
-        """``nbytes`` at ``offset``; positional reads, so threads may share the reader."""
+        """``nbytes`` at ``offset``; safe to call from several threads at once."""
         buf = bytearray(nbytes)
         view = memoryview(buf)
         done = 0
         while done < nbytes:
-            n = os.preadv(self._fh.fileno(), [view[done:]], offset + done)
+            n = self._read_into(view[done:], offset + done)
             if n == 0:
                 raise ValueError(f"{self.path.name}: truncated data at offset {offset + done}")
             done += n
         return buf
+
+    def _read_into(self, view: memoryview, offset: int) -> int:
+        # Positional reads need no shared file position; Windows has no ``os.preadv``, so
+        # there a seek and a read happen together under the lock instead.
+        positional = getattr(os, "preadv", None)
+        if positional is not None:
+            return int(positional(self._fh.fileno(), [view], offset))
+        with self._lock:
+            self._fh.seek(offset)
+            return self._fh.readinto(view) or 0
 
     def get(self, key: str) -> torch.Tensor:
         dtype, shape, (offset, nbytes) = self.span(key)

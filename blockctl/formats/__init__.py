@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import signal
+import sys
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
@@ -92,6 +93,10 @@ def pause_mid_write() -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    if sys.platform == "win32":
+        # There ``os.kill(pid, 0)`` terminates the process instead of probing it: count every
+        # process as alive, so others' temporaries are left alone.
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -295,3 +295,18 @@ def test_a_changed_base_is_refused(tiny_base: Path, tmp_path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(ValidationFailed, match="not the one this registry was made for"):
         merge(reg, ["rex"], MergeOptions(out=tmp_path / "o"))
+
+
+def test_merge_without_linux_only_calls_gives_the_same_bytes(
+    reg: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    want = tmp_path / "linux"
+    merge(reg, ["rex", "tabby"], MergeOptions(out=want))
+    import os
+
+    for name in ("copy_file_range", "preadv"):
+        monkeypatch.delattr(os, name, raising=False)
+    for fmt, out in (("diffusers", tmp_path / "portable"), ("single-file", tmp_path / "p.st")):
+        merge(reg, ["rex", "tabby"], MergeOptions(out=out, format=fmt))
+    assert digest_tree(tmp_path / "portable") == digest_tree(want)
+    assert check_merged(reg, tmp_path / "p.st").ok

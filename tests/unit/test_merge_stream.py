@@ -205,3 +205,47 @@ def test_copy_moves_bytes_unchanged_and_checks_sizes(tmp_path: Path) -> None:
         StreamWriter(tmp_path / "bad.safetensors", bad) as writer,
     ):
         writer.copy("a", reader)
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [("copy_file_range",), ("preadv",), ("copy_file_range", "preadv", "pread")],
+)
+def test_reader_and_copy_work_without_linux_only_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, missing: tuple[str, ...]
+) -> None:
+    """macOS and Windows lack ``os.copy_file_range`` (and Windows ``os.pread``/``preadv``)."""
+    from blockctl.stream import TensorReader
+
+    src = tmp_path / "src.safetensors"
+    tensors = {"a": torch.arange(6, dtype=torch.float16), "b": torch.ones(5), "c": torch.zeros(3)}
+    entries = [Entry(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    with StreamWriter(src, entries) as writer:
+        for k, v in tensors.items():
+            writer.write(k, v)
+    for name in missing:
+        monkeypatch.delattr(os, name, raising=False)
+    dst = tmp_path / "dst.safetensors"
+    with TensorReader(src) as reader, StreamWriter(dst, entries) as writer:
+        assert torch.equal(reader.get("b"), tensors["b"])
+        writer.copy("a", reader)  # a run of two adjacent tensors ...
+        writer.copy("b", reader)
+        writer.write("c", reader.get("c"))  # ... flushed before a computed one
+    assert dst.read_bytes() == src.read_bytes()
+
+
+def test_stale_check_never_signals_processes_on_windows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Windows ``os.kill(pid, 0)`` would terminate the process it means to probe."""
+    import sys
+
+    def forbidden(pid: int, sig: int) -> None:
+        raise AssertionError("os.kill called")
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(os, "kill", forbidden)
+    other = tmp_path / ".m.tmp-999999999-abcd"
+    other.write_text("maybe another process's merge")
+    assert clean_stale(tmp_path / "m") == []
+    assert other.exists()
