@@ -16,12 +16,11 @@ from safetensors.torch import save_file
 
 from blockctl import blocks
 from blockctl.base_model import BaseFolder
+from blockctl.clip_names import canonical_module
 from blockctl.errors import InvalidInput, ValidationFailed
 
 SCHEMA_VERSION = 1
 TOKEN_EMBEDDING_KEY = "embeddings.token_embedding.weight"
-
-TEXT_MODEL_PREFIX = "text_model."
 
 # Target presets (DESIGN section 2). Patterns match weight keys without ".weight".
 _UNET_ATTN = re.compile(r"^(.*\.attn[12])\.(to_q|to_k|to_v|to_out\.0)$")
@@ -127,12 +126,6 @@ def _match(base: BaseFolder, component: str, pattern: re.Pattern[str]) -> list[T
         if pattern.match(module):
             out.append(Target(f"{component}.{module}", info.shape[1], info.shape[0]))
     return out
-
-
-def canonical_module(name: str) -> str:
-    """Module names as transformers 5 has them: CLIP checkpoints saved by transformers 4 (most
-    of the Hub) carry a ``text_model.`` prefix that newer versions drop when loading."""
-    return name.removeprefix(TEXT_MODEL_PREFIX)
 
 
 def fingerprint(base: BaseFolder, targets: tuple[Target, ...]) -> str:

@@ -19,12 +19,12 @@ import torch
 from blockctl import blocks
 from blockctl.adapter import load_adapter, token_key
 from blockctl.base_model import BaseFolder, resolve_base
+from blockctl.clip_names import canonical_module
 from blockctl.errors import InvalidInput, SlotConflict, ValidationFailed
 from blockctl.layout import (
     TOKEN_EMBEDDING_KEY,
     Layout,
     Target,
-    canonical_module,
     fingerprint,
     layout_of,
     load_basis,
@@ -207,7 +207,6 @@ class MergePlan:
         tokens: bool = True,
     ) -> torch.Tensor:
         out_dtype = _cast_dtype(tensor.dtype, dtype)
-        # Bases saved by transformers 4 store text encoder keys under ``text_model.``.
         target = self.targets(component).get(canonical_module(key))
         if target is not None:
             return blocks.apply_delta(tensor, self.delta(target)).to(out_dtype)

@@ -20,12 +20,12 @@ from safetensors import safe_open
 
 from blockctl.adapter import load_adapter, token_key, up_key
 from blockctl.base_model import BaseFolder, resolve_base
+from blockctl.clip_names import canonical_module, prefixed_module
 from blockctl.errors import InvalidInput, ValidationFailed
 from blockctl.layout import (
     TOKEN_EMBEDDING_KEY,
     Layout,
     basis_key,
-    canonical_module,
     layout_of,
     sha256_file,
 )
@@ -268,6 +268,8 @@ def _kohya_pairs(keys: set[str], base: BaseFolder) -> list[tuple[str, str, str]]
 def _kohya_module(flat: str, base: BaseFolder, component: str) -> str:
     for key in base.tensors(component):
         module = canonical_module(key.removesuffix(".weight"))
-        if module.replace(".", "_") == flat:
+        # Text encoder names come with ``text_model.`` (what clients expect) or, from
+        # earlier blockctl versions, without it.
+        if flat in (module.replace(".", "_"), prefixed_module(module).replace(".", "_")):
             return module
     raise ValidationFailed(f"kohya module {flat!r} matches no layer of the base")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from blockctl.clip_names import prefixed_module
 from blockctl.formats import pause_mid_write
 from blockctl.formats.single_file import sidecar_path, write_token_sidecar
 from blockctl.merge import parse_dtype
@@ -29,12 +30,21 @@ ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # what diffusers reads the LoraC
 _KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 
+def client_module(target: Target) -> str:
+    """The module name LoRA clients look for: text encoder layers under ``text_model.``
+    (transformers 4 naming, which kohya, ComfyUI, AUTOMATIC1111 and diffusers all accept)."""
+    if target.component == "text_encoder":
+        return prefixed_module(target.module)
+    return target.module
+
+
 def peft_keys(target: Target) -> tuple[str, str]:
-    return f"{target.name}.lora_A.weight", f"{target.name}.lora_B.weight"
+    name = f"{target.component}.{client_module(target)}"
+    return f"{name}.lora_A.weight", f"{name}.lora_B.weight"
 
 
 def kohya_name(target: Target) -> str:
-    return _KOHYA_PREFIX[target.component] + target.module.replace(".", "_")
+    return _KOHYA_PREFIX[target.component] + client_module(target).replace(".", "_")
 
 
 class LoraFile:
@@ -58,7 +68,9 @@ def _rank(plan: MergePlan) -> int:
 
 
 def adapter_metadata(plan: MergePlan) -> dict[str, object]:
-    """diffusers' packed LoraConfig kwargs, one set per component (``unet.r``, …)."""
+    """diffusers' packed LoraConfig kwargs, one set per component (``unet.r``, …). Target
+    modules stay without ``text_model.``: peft matches them as name suffixes, so they find the
+    layer in transformers 4 and 5 models alike."""
     out: dict[str, object] = {}
     for component in sorted({t.component for t in plan.layout.targets}):
         modules = sorted(t.module for t in plan.layout.targets if t.component == component)

@@ -188,7 +188,9 @@ def test_lora_file_keys_and_metadata(reg: Registry, tmp_path: Path) -> None:
     layout = layout_of(reg)
     with safe_open(str(out), framework="pt") as h:
         keys, meta = set(h.keys()), h.metadata()
-    assert keys == {f"{t.name}.lora_{x}.weight" for t in layout.targets for x in "AB"}
+    # Text encoder modules under text_model., as clients name them (test_lora_keys.py)
+    names = {t.name.replace("text_encoder.", "text_encoder.text_model.") for t in layout.targets}
+    assert keys == {f"{name}.lora_{x}.weight" for name in names for x in "AB"}
     config = json.loads(meta["lora_adapter_metadata"])
     assert config["unet.r"] == config["unet.lora_alpha"] == 2 * layout.rank
     record = json.loads(meta["blockctl.merge"])
