@@ -100,4 +100,7 @@ def verify_merged(ctx: typer.Context, path: Path, tolerance: float | None, json_
                 highlight=False,
             )
     if not report.ok:
-        raise ValidationFailed(f"{path} does not match base + Σ ΔW within {report.tolerance:.0e}")
+        why = "".join(f"; {problem}" for problem in report.problems)
+        raise ValidationFailed(
+            f"{path} does not match base + Σ ΔW within {report.tolerance:.0e}{why}"
+        )

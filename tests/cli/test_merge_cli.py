@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from blockctl.cli import app
@@ -158,3 +159,31 @@ def test_sigterm_mid_write_cleans_up_at_once(reg: Registry, tmp_path: Path) -> N
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) != 0
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("style", "extra"),
+    [
+        ("peft", "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"),
+        ("kohya", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"),
+    ],
+)
+def test_verify_merged_lora_with_a_module_outside_the_layout(
+    reg: Registry, tmp_path: Path, style: str, extra: str
+) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "l.safetensors"
+    assert run(reg, "merge", "rex", "-o", str(out), "-f", "lora", "--lora-keys", style)[0] == 0
+    tensors = load_file(str(out))
+    with safe_open(str(out), framework="pt") as handle:
+        metadata = handle.metadata()
+    a, b = ("lora_A", "lora_B") if style == "peft" else ("lora_down", "lora_up")
+    down = next(v for k, v in tensors.items() if k.endswith(f".{a}.weight"))
+    tensors[f"{extra}.{a}.weight"] = torch.zeros(down.shape[0], 32, dtype=down.dtype)
+    tensors[f"{extra}.{b}.weight"] = torch.zeros(32, down.shape[0], dtype=down.dtype)
+    save_file(tensors, str(out), metadata=metadata)
+    code, text = run(reg, "verify", "--merged", str(out))
+    assert code == 4, text
+    assert "attn1.to_q" in text and "not a target" in text
