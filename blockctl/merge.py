@@ -37,7 +37,7 @@ from registry.base import Registry
 MERGE_FORMAT = "blockctl.merge/1"
 META_KEY = "blockctl.merge"  # safetensors metadata key holding the merge record (JSON)
 FORMATS = ("diffusers", "single-file", "lora")
-LORA_KEYS = ("peft", "kohya")
+LORA_KEYS = ("kohya", "peft")  # kohya first: the default, read by every client
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -83,7 +83,7 @@ class MergeOptions:
     format: str = "diffusers"
     dtype: str | None = None  # None: every tensor keeps the base's dtype
     scales: Mapping[str, float] = field(default_factory=dict)
-    lora_keys: str = "peft"
+    lora_keys: str = "kohya"
     force: bool = False
 
     def check(self) -> None:

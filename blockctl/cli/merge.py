@@ -34,7 +34,10 @@ def merge(
         show_default=False,
     ),
     lora_keys: str = typer.Option(
-        "peft", "--lora-keys", help="Key style of --format lora: peft (diffusers) or kohya."
+        "kohya",
+        "--lora-keys",
+        help="Key style of --format lora: kohya (read by diffusers, ComfyUI, AUTOMATIC1111) "
+        "or peft (diffusers' own save_lora_weights keys).",
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT atomically."),
     json_out: bool = JSON_OPTION,

@@ -1,11 +1,14 @@
-"""Merge into one LoRA of rank |S|·r for diffusers' ``load_lora_weights``.
+"""Merge into one LoRA of rank |S|·r, for diffusers' ``load_lora_weights``, ComfyUI and
+AUTOMATIC1111.
 
 Per target: ``lora_A = [A_s; …]`` (stacked slot down-projections) and
-``lora_B = [scale_s·B_s | …]``, so ``B @ A = Σ_s scale_s·B_s A_s`` exactly. With
-``lora_alpha = r`` the peft scaling is 1. Keys are peft/diffusers style
-(``unet.<module>.lora_A.weight``) or kohya style (``lora_unet_<module_>.lora_down.weight`` +
-``.alpha``). diffusers refuses LoRA files holding any key without "lora" in it, so the concept
-tokens go to a sidecar textual-inversion file (``<stem>.tokens.safetensors``).
+``lora_B = [scale_s·B_s | …]``, so ``B @ A = Σ_s scale_s·B_s A_s`` exactly, with alpha = rank
+(scaling 1). Keys are kohya style by default (``lora_unet_<module_>.lora_down.weight`` +
+``.alpha``: what diffusers, ComfyUI and AUTOMATIC1111 all read) or peft style on request
+(``unet.<module>.lora_A.weight``, diffusers' own). Text encoder modules are named under
+``text_model.``, as those clients expect. diffusers refuses LoRA files holding any key without
+"lora" in it, so the concept tokens go to a sidecar textual-inversion file
+(``<stem>.tokens.safetensors``).
 """
 
 from __future__ import annotations
