@@ -12,12 +12,15 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 
 from blockctl.clip_names import spellings
 from blockctl.errors import InvalidInput, ValidationFailed
+
+if TYPE_CHECKING:
+    import torch
 
 TOY = "toy"
 # File stem of each component's weights in a diffusers folder.

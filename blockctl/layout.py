@@ -1,5 +1,8 @@
 """The layout: which modules of which base carry slots, how many slots of what rank, and the
 basis they are cut from. Fixed when a registry is created; every adapter is checked against it.
+
+Reading a layout needs no torch (``blockctl slots`` starts in a fraction of a second); the
+functions that draw, store or load tensors import it when called.
 """
 
 from __future__ import annotations
@@ -9,15 +12,14 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
-
-from blockctl import blocks
 from blockctl.base_model import BaseFolder
 from blockctl.clip_names import canonical_module
 from blockctl.errors import InvalidInput, ValidationFailed
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 1
 TOKEN_EMBEDDING_KEY = "embeddings.token_embedding.weight"
@@ -133,7 +135,7 @@ def fingerprint(base: BaseFolder, targets: tuple[Target, ...]) -> str:
     for one base is refused by another, even one with the same architecture."""
     digest = hashlib.sha256()
     for t in sorted(targets, key=lambda t: t.name):
-        weight = base.read(t.component, f"{t.module}.weight").to(torch.float32).contiguous()
+        weight = base.read(t.component, f"{t.module}.weight").float().contiguous()
         digest.update(f"{t.name}:{tuple(weight.shape)}\n".encode())
         digest.update(weight.numpy().tobytes())
     return digest.hexdigest()
@@ -162,6 +164,8 @@ def basis_key(width: int) -> str:
 
 
 def write_basis(bases: dict[int, torch.Tensor], path: Path) -> str:
+    from safetensors.torch import save_file
+
     save_file({basis_key(d): b.contiguous() for d, b in bases.items()}, str(path))
     return sha256_file(path)
 
@@ -179,6 +183,8 @@ def build_layout(
     basis_path: Path,
 ) -> Layout:
     """Inspect the base, check capacity, draw and write the basis, return the layout."""
+    from blockctl import blocks
+
     base = BaseFolder(base_dir)
     targets = find_targets(base, preset, text_encoder)
     try:

@@ -8,8 +8,6 @@ import typer
 from rich.table import Table
 
 from blockctl.cli.common import JSON_OPTION, console, emit_json, open_registry
-from blockctl.clip_score import ClipConfig
-from blockctl.evaluate import EvalConfig, evaluate
 
 
 def eval_command(
@@ -38,6 +36,9 @@ def eval_command(
     add nothing on its prompts; fidelity 1 = both; prior interference 0 = "a photo of a
     {class}" is untouched by the merge; prior drift = the same for the concept alone.
     """
+    from blockctl.clip_score import ClipConfig
+    from blockctl.evaluate import EvalConfig, evaluate
+
     reg = open_registry(ctx)
     with console.status("Evaluating…"):
         clip_config = None if clip is None else ClipConfig(clip, images=clip_images, seed=seed)

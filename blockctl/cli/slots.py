@@ -10,7 +10,6 @@ from rich.table import Table
 
 from blockctl.base_model import TOY
 from blockctl.cli.common import JSON_OPTION, console, emit_json, open_registry, settings
-from blockctl.initialize import init_registry
 from blockctl.layout import DEFAULT_PRESET, PRESETS, layout_of
 from blockctl.names import check_concept, check_token, check_word, default_token
 
@@ -43,6 +42,8 @@ def init(
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Create a registry bound to one base model and slot layout."""
+    from blockctl.initialize import init_registry
+
     reg = open_registry(ctx)
     with console.status("Reading the base and drawing the basis…"):
         layout = init_registry(
