@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from blockctl.adapter import load_adapter, token_key, up_key
+from blockctl.adapter import load_adapter, read_header, token_key, up_key
 from blockctl.base_model import BaseFolder, resolve_base
 from blockctl.clip_names import canonical_module, prefixed_module
 from blockctl.errors import InvalidInput, ValidationFailed
@@ -72,8 +72,7 @@ def read_record(path: Path) -> dict[str, Any]:
     try:
         if path.is_dir():
             return dict(json.loads((path / RECORD_NAME).read_text()))
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
+        meta = read_header(path).get("__metadata__") or {}  # refuses non-safetensors files
         return dict(json.loads(meta[META_KEY]))
     except FileNotFoundError:
         raise InvalidInput(f"{path} is not a blockctl merge output (no merge record)") from None

@@ -174,6 +174,12 @@ def staged(outputs: Sequence[Path], *, force: bool) -> Iterator[list[Path]]:
         raise InvalidInput(
             f"{existing[0]} already exists", hint="pass --force to replace it atomically"
         )
+    for out in existing:
+        if not _is_merge_output(out):
+            raise InvalidInput(
+                f"{out} is not a blockctl merge output; --force only replaces one",
+                hint="choose another OUT, or move it away yourself",
+            )
     temps = [_sibling(out, TMP_MARK) for out in outputs]
     try:
         with _terminate_as_interrupt():
@@ -191,6 +197,18 @@ def staged(outputs: Sequence[Path], *, force: bool) -> Iterator[list[Path]]:
         for tmp in temps:
             _remove(tmp)
         raise
+
+
+def _is_merge_output(path: Path) -> bool:
+    """Whether ``path`` carries a merge record: only then may ``--force`` replace it."""
+    from blockctl.errors import BlockctlError
+    from blockctl.merged_check import read_record
+
+    try:
+        read_record(path)
+    except BlockctlError:
+        return False
+    return True
 
 
 def _install(tmp: Path, out: Path) -> None:

@@ -187,3 +187,27 @@ def test_verify_merged_lora_with_a_module_outside_the_layout(
     code, text = run(reg, "verify", "--merged", str(out))
     assert code == 4, text
     assert "attn1.to_q" in text and "not a target" in text
+
+
+def test_verify_merged_refuses_a_file_that_is_not_safetensors(
+    reg: Registry, tmp_path: Path
+) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    code, text = run(reg, "verify", "--merged", str(tmp_path / "notes.txt"))
+    assert code == 4 and "not a safetensors file" in text, text
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "single-file"])
+def test_force_replaces_only_a_merge_output(reg: Registry, tmp_path: Path, fmt: str) -> None:
+    """--force replaces an earlier merge, never a folder or file blockctl did not write."""
+    out = tmp_path / ("mine" if fmt == "diffusers" else "mine.safetensors")
+    if fmt == "diffusers":
+        out.mkdir()
+        (out / "notes.txt").write_text("the user's own")
+    else:
+        out.write_text("the user's own")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, text = run(reg, "merge", "rex", "-o", str(out), "-f", fmt, "--force")
+    assert code == 2, text
+    assert "not a blockctl merge output" in text
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -130,18 +131,32 @@ def test_vae_keys_follow_the_sd_layout(key: str, ldm: str) -> None:
     assert vae_key(key, {"up_block_types": ["UpDecoderBlock2D"] * 4}) == ldm
 
 
+def _merge_output(folder: Path, text: str) -> None:
+    folder.mkdir()
+    (folder / "blockctl_merge.json").write_text(json.dumps({"note": text}))
+
+
 def test_staged_moves_into_place_and_refuses_existing(tmp_path: Path) -> None:
-    out = tmp_path / "o.txt"
+    out = tmp_path / "o"
     with staged([out], force=False) as (tmp,):
-        assert tmp.parent == tmp_path and tmp.name.startswith(".o.txt.tmp-")
-        tmp.write_text("one")
-    assert out.read_text() == "one"
+        assert tmp.parent == tmp_path and tmp.name.startswith(".o.tmp-")
+        _merge_output(tmp, "one")
+    assert "one" in (out / "blockctl_merge.json").read_text()
     with pytest.raises(InvalidInput, match="already exists"), staged([out], force=False):
         pass
     with staged([out], force=True) as (tmp,):
-        tmp.write_text("two")
-    assert out.read_text() == "two"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.txt"]
+        _merge_output(tmp, "two")
+    assert "two" in (out / "blockctl_merge.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+    mine = tmp_path / "mine.txt"
+    mine.write_text("not a merge output")
+    with (
+        pytest.raises(InvalidInput, match="not a blockctl merge output"),
+        staged([mine], force=True) as (tmp,),
+    ):
+        tmp.write_text("never")
+    assert mine.read_text() == "not a merge output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt", "o"]
 
 
 def test_staged_failure_leaves_nothing(tmp_path: Path) -> None:
