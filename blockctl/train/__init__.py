@@ -6,6 +6,7 @@ help); the trainer itself, which needs torch and diffusers, loads on first use.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from blockctl.train.config import TrainConfig
@@ -18,7 +19,5 @@ __all__ = ["TrainConfig", "TrainRequest", "TrainResult", "train"]
 
 def __getattr__(name: str) -> Any:
     if name in ("TrainRequest", "TrainResult", "train"):
-        from blockctl.train import run
-
-        return getattr(run, name)
+        return getattr(importlib.import_module("blockctl.train.run"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

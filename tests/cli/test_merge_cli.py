@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from blockctl.cli import app
-from blockctl.formats import PAUSE_ENV
+from blockctl.merge.writers import PAUSE_ENV
 from registry import Registry
 from tests.unit.test_merge import make_published
 

@@ -12,11 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from blockctl.adapter import read_header
 from blockctl.errors import InvalidInput
-from blockctl.formats import clean_stale, staged
-from blockctl.formats.single_file import unet_key, vae_key
-from blockctl.stream import Entry, StreamWriter, read_entries
+from blockctl.merge.single_file import unet_key, vae_key
+from blockctl.merge.staging import staged
+from blockctl.safetensors_io import Entry, StreamWriter, read_entries, read_header
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]
 
@@ -168,18 +167,6 @@ def test_staged_failure_leaves_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_stale_temporaries_of_dead_processes_are_cleaned(tmp_path: Path) -> None:
-    out = tmp_path / "m"
-    dead = tmp_path / ".m.tmp-999999999-abcd"
-    dead.mkdir()
-    alive = tmp_path / f".m.tmp-{os.getppid()}-abcd"
-    alive.write_text("someone else's merge in progress")
-    other = tmp_path / ".n.tmp-999999999-abcd"
-    other.write_text("another output's")
-    assert clean_stale(out) == [dead]
-    assert alive.exists() and other.exists()
-
-
 def test_unwritable_destination_is_a_clear_error(tmp_path: Path) -> None:
     with (
         pytest.raises(InvalidInput, match="does not exist"),
@@ -195,7 +182,7 @@ def test_unwritable_destination_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_copy_moves_bytes_unchanged_and_checks_sizes(tmp_path: Path) -> None:
-    from blockctl.stream import TensorReader
+    from blockctl.safetensors_io import TensorReader
 
     src = tmp_path / "src.safetensors"
     tensors = {"a": torch.arange(6, dtype=torch.float16).reshape(2, 3), "b": torch.ones(4)}
@@ -230,7 +217,7 @@ def test_reader_and_copy_work_without_linux_only_calls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, missing: tuple[str, ...]
 ) -> None:
     """macOS and Windows lack ``os.copy_file_range`` (and Windows ``os.pread``/``preadv``)."""
-    from blockctl.stream import TensorReader
+    from blockctl.safetensors_io import TensorReader
 
     src = tmp_path / "src.safetensors"
     tensors = {"a": torch.arange(6, dtype=torch.float16), "b": torch.ones(5), "c": torch.zeros(3)}
@@ -247,20 +234,3 @@ def test_reader_and_copy_work_without_linux_only_calls(
         writer.copy("b", reader)
         writer.write("c", reader.get("c"))  # ... flushed before a computed one
     assert dst.read_bytes() == src.read_bytes()
-
-
-def test_stale_check_never_signals_processes_on_windows(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """On Windows ``os.kill(pid, 0)`` would terminate the process it means to probe."""
-    import sys
-
-    def forbidden(pid: int, sig: int) -> None:
-        raise AssertionError("os.kill called")
-
-    monkeypatch.setattr(sys, "platform", "win32")
-    monkeypatch.setattr(os, "kill", forbidden)
-    other = tmp_path / ".m.tmp-999999999-abcd"
-    other.write_text("maybe another process's merge")
-    assert clean_stale(tmp_path / "m") == []
-    assert other.exists()

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from blockctl.clip_names import prefixed_module
-from blockctl.formats import pause_mid_write
-from blockctl.formats.single_file import sidecar_path, write_token_sidecar
-from blockctl.merge import parse_dtype
-from blockctl.stream import CODE_DTYPES, Entry, StreamWriter
+from blockctl.merge.plan import parse_dtype
+from blockctl.merge.single_file import sidecar_path, write_token_sidecar
+from blockctl.merge.writers import pause_mid_write
+from blockctl.safetensors_io import CODE_DTYPES, Entry, StreamWriter
 
 if TYPE_CHECKING:
     from blockctl.layout import Target

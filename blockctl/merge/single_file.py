@@ -21,9 +21,15 @@ import torch
 
 from blockctl.clip_names import prefixed_module
 from blockctl.errors import InvalidInput
-from blockctl.formats import computed_ahead, pause_mid_write
-from blockctl.merge import parse_dtype
-from blockctl.stream import Entry, StreamWriter, TensorReader, read_entries
+from blockctl.merge.plan import parse_dtype
+from blockctl.merge.writers import computed_ahead, pause_mid_write
+from blockctl.safetensors_io import (
+    CODE_DTYPES,
+    Entry,
+    StreamWriter,
+    TensorReader,
+    read_entries,
+)
 
 if TYPE_CHECKING:
     from blockctl.base_model import BaseFolder
@@ -199,7 +205,7 @@ def write_token_sidecar(plan: MergePlan, out: Path, dtype: torch.dtype | None, f
     from blockctl.layout import TOKEN_EMBEDDING_KEY
 
     base_dtype = plan.base.info("text_encoder", TOKEN_EMBEDDING_KEY).dtype
-    stored = dtype or {"F16": torch.float16, "BF16": torch.bfloat16}.get(base_dtype, torch.float32)
+    stored = dtype or CODE_DTYPES.get(base_dtype, torch.float32)
     rows = {tok: row.to(stored) for tok, row in plan.token_rows}
     entries = [Entry(tok, t.dtype, tuple(t.shape)) for tok, t in sorted(rows.items())]
     with StreamWriter(out, entries, plan.metadata(f"{fmt}-tokens", dtype)) as writer:

@@ -1,0 +1,13 @@
+"""What a merge offers to choose from: output formats and LoRA key styles. Light to import:
+the CLI lists these values in its help and its parser refuses any other."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+MergeFormat = Literal["diffusers", "single-file", "lora"]
+# kohya first: the default, the one diffusers, ComfyUI and AUTOMATIC1111 all read.
+LoraKeyStyle = Literal["kohya", "peft"]
+
+FORMATS: tuple[str, ...] = get_args(MergeFormat)
+LORA_KEYS: tuple[str, ...] = get_args(LoraKeyStyle)
