@@ -70,12 +70,6 @@ class Layout:
     def widths(self) -> list[int]:
         return sorted({t.in_features for t in self.targets})
 
-    def target(self, name: str) -> Target:
-        for t in self.targets:
-            if t.name == name:
-                return t
-        raise KeyError(name)
-
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["targets"] = [asdict(t) for t in self.targets]
