@@ -7,13 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from blockctl.cli import app
 from blockctl.layout import sha256_file
 from registry import Registry
-
-runner = CliRunner()
+from tests.support.cli import cli
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +45,14 @@ def _published(reg: Registry, adapter_factory, names: list[str]) -> None:  # typ
         reg.publish(name, path, sha256_file(path))
 
 
-def _eval(reg: Registry, *args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, ["--registry", str(reg.location), "eval", *args])
-    return result.exit_code, result.stdout, result.stderr
-
-
 def test_eval_json_and_table(tiny_registry: Registry, adapter_factory) -> None:  # type: ignore[no-untyped-def]
     _published(tiny_registry, adapter_factory, ["rex", "tom"])
-    code, out, _ = _eval(tiny_registry, "rex", "tom", "--samples", "2", "--json")
+    code, out, _ = cli(tiny_registry, "eval", "rex", "tom", "--samples", "2", "--json")
     assert code == 0
     rows = json.loads(out)
     assert [r["concept"] for r in rows] == ["rex", "tom"]
     assert "clip_image_alignment" not in rows[0]  # only with --clip
-    code, out, _ = _eval(tiny_registry, "rex", "--samples", "2")
+    code, out, _ = cli(tiny_registry, "eval", "rex", "--samples", "2")
     assert code == 0 and "identity metrics" in out and "rex" in out
 
 
@@ -71,13 +63,13 @@ def test_eval_with_clip_scores_alignment(
 ) -> None:
     _published(tiny_registry, adapter_factory, ["rex", "tom"])
     args = ["--samples", "2", "--clip", str(tiny_clip), "--clip-images", "2", "--json"]
-    code, out, err = _eval(tiny_registry, "rex", *args)
+    code, out, err = cli(tiny_registry, "eval", "rex", *args)
     assert code == 0, err
     (alone,) = json.loads(out)
     # One concept merged is the concept alone: same images from the same seeds.
     assert alone["clip_image_alignment"] == pytest.approx(1.0, abs=1e-5)
     assert -1.0 <= alone["clip_text_alignment"] <= 1.0
-    code, out, err = _eval(tiny_registry, "rex", "tom", *args)
+    code, out, err = cli(tiny_registry, "eval", "rex", "tom", *args)
     assert code == 0, err
     rows = json.loads(out)
     assert all(-1.0 <= r["clip_image_alignment"] <= 1.0 + 1e-6 for r in rows)
@@ -86,7 +78,7 @@ def test_eval_with_clip_scores_alignment(
 
 def test_eval_errors(tiny_registry: Registry, adapter_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _published(tiny_registry, adapter_factory, ["rex"])
-    code, _, err = _eval(tiny_registry, "rex", "--clip", str(tmp_path))
+    code, _, err = cli(tiny_registry, "eval", "rex", "--clip", str(tmp_path))
     assert code == 2 and "not a CLIP model folder" in err
-    code, _, err = _eval(tiny_registry, "nobody")
+    code, _, err = cli(tiny_registry, "eval", "nobody")
     assert code != 0 and "Traceback" not in err

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from blockctl.merge import MergeOptions, merge
 from registry import Registry
-from tests.unit.test_merge import make_published
+from tests.support.registries import make_published
 
 pytest.importorskip("peft")
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (

@@ -20,7 +20,7 @@ import pytest
 from safetensors import safe_open
 
 from blockctl.merge import MergeOptions, merge
-from tests.unit.test_merge import make_published
+from tests.support.registries import make_published
 
 PRESETS = {
     "attn": (("attn1", "attn2"), ("to_q", "to_k", "to_v", "to_out.0")),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -19,27 +18,7 @@ from blockctl.layout import layout_of, sha256_file
 from blockctl.merge import MergeOptions, merge, parse_dtype, parse_scales, plan_merge
 from blockctl.merged_check import check_merged
 from registry import Registry
-from tests.conftest import create_registry, write_random_adapter
-
-CONCEPTS = ("rex", "tabby", "vangogh")
-
-
-def make_published(
-    root: Path,
-    base: Path,
-    concepts: Sequence[str] = CONCEPTS,
-    *,
-    text_encoder: bool = True,
-    preset: str = "cross-kv",
-) -> Registry:
-    """A registry on ``base`` with every concept reserved and a random adapter published."""
-    root.mkdir(parents=True, exist_ok=True)
-    reg = create_registry(root / "reg", base, text_encoder=text_encoder, preset=preset)
-    for i, concept in enumerate(concepts):
-        reg.reserve(concept, f"<{concept}>", "thing", "tester")
-        path = write_random_adapter(reg, concept, root / f"{concept}.safetensors", seed=i + 1)
-        reg.publish(concept, path, sha256_file(path))
-    return reg
+from tests.support.registries import make_published
 
 
 @pytest.fixture(scope="module")
