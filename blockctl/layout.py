@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from blockctl.base_model import BaseFolder
 from blockctl.clip_names import canonical_module
@@ -28,8 +28,9 @@ TOKEN_EMBEDDING_KEY = "embeddings.token_embedding.weight"
 _UNET_ATTN = re.compile(r"^(.*\.attn[12])\.(to_q|to_k|to_v|to_out\.0)$")
 _UNET_CROSS_KV = re.compile(r"^(.*\.attn2)\.(to_k|to_v)$")
 _TEXT_ATTN = re.compile(r"^(encoder\.layers\.\d+\.self_attn)\.(q_proj|k_proj|v_proj|out_proj)$")
-PRESETS = {"attn": _UNET_ATTN, "cross-kv": _UNET_CROSS_KV}
-DEFAULT_PRESET = "cross-kv"
+Preset = Literal["cross-kv", "attn"]
+PRESETS: dict[Preset, re.Pattern[str]] = {"cross-kv": _UNET_CROSS_KV, "attn": _UNET_ATTN}
+DEFAULT_PRESET: Preset = "cross-kv"
 # Where the base came from is informational: moving a base folder keeps the layout.
 _UNHASHED = ("base",)
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 MergeFormat = Literal["diffusers", "single-file", "lora"]
-# kohya first: the default, the one diffusers, ComfyUI and AUTOMATIC1111 all read.
+# kohya: what diffusers, ComfyUI and AUTOMATIC1111 all read, so the default.
 LoraKeyStyle = Literal["kohya", "peft"]
 
 FORMATS: tuple[str, ...] = get_args(MergeFormat)
 LORA_KEYS: tuple[str, ...] = get_args(LoraKeyStyle)
+DEFAULT_FORMAT: MergeFormat = "diffusers"
+DEFAULT_LORA_KEYS: LoraKeyStyle = "kohya"

@@ -30,7 +30,7 @@ from blockctl.layout import (
     load_basis,
     sha256_file,
 )
-from blockctl.merge.choices import FORMATS, LORA_KEYS
+from blockctl.merge.choices import DEFAULT_FORMAT, DEFAULT_LORA_KEYS, FORMATS, LORA_KEYS
 from blockctl.merge.record import MERGE_FORMAT, META_KEY
 from blockctl.safetensors_io import Entry
 from blockctl.verify import adapter_problems
@@ -78,10 +78,10 @@ def parse_scales(items: Sequence[str]) -> dict[str, float]:
 @dataclass(frozen=True)
 class MergeOptions:
     out: Path
-    format: str = "diffusers"
+    format: str = DEFAULT_FORMAT
     dtype: str | None = None  # None: every tensor keeps the base's dtype
     scales: Mapping[str, float] = field(default_factory=dict)
-    lora_keys: str = "kohya"
+    lora_keys: str = DEFAULT_LORA_KEYS
     force: bool = False
 
     def check(self) -> None:
