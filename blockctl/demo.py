@@ -19,6 +19,9 @@ from blockctl.errors import InvalidInput, ValidationFailed
 
 Say = Callable[[str], None]
 DEFAULT_CONCEPTS = ("rex", "brick", "vangogh")
+# A demo marks its OUT with this file; ``--force`` replaces only DEMO_ENTRIES, and only there.
+MARKER = ".blockctl-demo"
+DEMO_ENTRIES = ("registry", "photos", "runs", "merged", "samples.png", "summary.json")
 
 
 @dataclass(frozen=True)
@@ -55,14 +58,31 @@ def prompt_for(kind: str, token: str, class_word: str) -> str:
 
 
 def _prepare(config: DemoConfig) -> None:
+    """Make OUT ready. ``--force`` starts over only in a folder an earlier demo made (it holds
+    ``MARKER``), and then removes only the demo's own entries: anything else stays."""
     out = config.out
     if out.exists() and not out.is_dir():
         raise InvalidInput(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not config.force:
             raise InvalidInput(f"{out} is not empty", hint="use --force to start it over")
-        shutil.rmtree(out)
+        if not (out / MARKER).is_file():
+            raise InvalidInput(
+                f"{out} is not empty and was not made by blockctl demo; --force only replaces "
+                "a demo's own output",
+                hint="choose a new or empty folder",
+            )
+        for name in DEMO_ENTRIES:
+            _remove(out / name)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by blockctl demo; --force may replace its entries\n")
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()  # a link is removed, never what it points to
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 def run_demo(config: DemoConfig, say: Say = print) -> DemoResult:

@@ -29,6 +29,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from blockctl.atomic import Staged
 from blockctl.errors import BlockctlError, InvalidInput, RegistryUnavailable, SlotConflict
 from registry.base import (
     PUBLISHED,
@@ -528,11 +529,12 @@ class LocalRegistry(Registry):
         final = self.root / rel
         folder = final.parent
         folder_created = not folder.exists()
-        tmp: Path | None = None
+        tmp: Staged | None = None
         placed = False  # blob newly placed by us and not yet committed
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            tmp, size, got = _copy_hashing(file, folder, sha)
+            tmp = Staged(final)
+            size, got = _copy_hashing(file, tmp.temp)
             if got != sha:
                 raise sha_mismatch(file, got, sha)
             with self._tx() as db:
@@ -541,7 +543,7 @@ class LocalRegistry(Registry):
                     "SELECT sha256 FROM adapters WHERE concept = ?", [concept]
                 ).fetchone()
                 placed = not final.exists()
-                os.replace(tmp, final)
+                tmp.install()
                 tmp = None
                 now = utc_now()
                 db.execute(
@@ -566,7 +568,7 @@ class LocalRegistry(Registry):
             placed = False
         except BaseException:
             if tmp is not None:
-                tmp.unlink(missing_ok=True)
+                tmp.discard()
             if placed:
                 final.unlink(missing_ok=True)
             if folder_created:
@@ -627,24 +629,16 @@ class LocalRegistry(Registry):
         return path
 
 
-def _copy_hashing(src: Path, folder: Path, sha: str) -> tuple[Path, int, str]:
-    """Copy ``src`` to a temp file in ``folder`` (same file system as the final name, so the
-    later ``os.replace`` is atomic), hashing it on the way. Returns (temp, size, sha256)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{sha[:16]}.", suffix=".tmp", dir=folder)
-    tmp = Path(name)
-    try:
-        digest = hashlib.sha256()
-        size = 0
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            while chunk := inp.read(_CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp, size, digest.hexdigest()
+def _copy_hashing(src: Path, dest: Path) -> tuple[int, str]:
+    """Copy ``src`` to the new file ``dest``, hashing it on the way: (size, sha256)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(dest, "xb") as out, open(src, "rb") as inp:
+        while chunk := inp.read(_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    os.chmod(dest, 0o644)
+    return size, digest.hexdigest()

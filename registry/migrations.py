@@ -181,12 +181,6 @@ def _check_known(names: list[str]) -> None:
         raise NewerSchemaError(unknown)
 
 
-def schema_version(db: Database) -> int:
-    names = applied(db)
-    _check_known(names)
-    return len(names)
-
-
 def migrate(db: Database) -> list[str]:
     """Apply every pending migration; return the names applied now.
 

@@ -7,12 +7,13 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
-from registry.base import Registry
+if TYPE_CHECKING:
+    from registry.base import Registry
 
 console = Console(soft_wrap=True)
 # Errors stay on one line whatever the terminal width, so they can be grepped and parsed.

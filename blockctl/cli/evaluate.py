@@ -8,8 +8,6 @@ import typer
 from rich.table import Table
 
 from blockctl.cli.common import JSON_OPTION, console, emit_json, open_registry
-from blockctl.clip_score import ClipConfig
-from blockctl.evaluate import EvalConfig, evaluate, summarize
 
 
 def eval_command(
@@ -47,6 +45,9 @@ def eval_command(
     the concept match the concept-alone model's (same seeds), 0 = no closer than the base's.
     Figures are ratios to the concept's own change ‖δ‖²; means and worst cases close the table.
     """
+    from blockctl.clip_score import ClipConfig
+    from blockctl.evaluate import EvalConfig, evaluate, summarize
+
     reg = open_registry(ctx)
     config = EvalConfig(
         samples=samples, seed=seed, guidance=guidance, images=images, sample_steps=sample_steps

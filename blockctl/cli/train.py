@@ -6,7 +6,7 @@ import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -19,14 +19,13 @@ from blockctl.cli.common import (
     settings,
 )
 from blockctl.names import check_concept
+from blockctl.train.config import MixedPrecision, RoeLatents, Schedule, TrainConfig
 
 DEFAULT_RUNS = Path("blockctl-runs")
 
 
 def _default(name: str) -> str:
     """Shown in --help; read from TrainConfig so help and behaviour never disagree."""
-    from blockctl.train.config import TrainConfig
-
     return str(getattr(TrainConfig, name))
 
 
@@ -59,9 +58,10 @@ def train(
     warmup_steps: int = typer.Option(
         None, "--warmup-steps", help="LR warmup.", show_default=_default("warmup_steps")
     ),
-    schedule: str = typer.Option(
-        None, "--schedule", help="constant, cosine or linear.", show_default=_default("schedule")
-    ),
+    schedule: Annotated[
+        Schedule | None,
+        typer.Option("--schedule", help="LR schedule.", show_default=_default("schedule")),
+    ] = None,
     roe: bool = typer.Option(
         None, "--roe/--no-roe", help="Randomized Output Erasure.", show_default="on"
     ),
@@ -77,13 +77,15 @@ def train(
     roe_batch_size: int = typer.Option(
         None, "--roe-batch-size", help="Erasure prompts per step.", show_default="half the batch"
     ),
-    roe_latents: str = typer.Option(
-        None,
-        "--roe-latents",
-        help="Latents the erasure prompts are asked on: concept (the photos), random "
-        "(Gaussian), or mixed.",
-        show_default=_default("roe_latents"),
-    ),
+    roe_latents: Annotated[
+        RoeLatents | None,
+        typer.Option(
+            "--roe-latents",
+            help="Latents the erasure prompts are asked on: concept (the photos), random "
+            "(Gaussian), or mixed.",
+            show_default=_default("roe_latents"),
+        ),
+    ] = None,
     token_isolation: float = typer.Option(
         None,
         "--token-isolation",
@@ -139,12 +141,14 @@ def train(
         help="Save a checkpoint every N steps.",
         show_default=_default("checkpoint_every"),
     ),
-    mixed_precision: str = typer.Option(
-        None,
-        "--mixed-precision",
-        help="no, bf16 or fp16 (GPU).",
-        show_default=_default("mixed_precision"),
-    ),
+    mixed_precision: Annotated[
+        MixedPrecision | None,
+        typer.Option(
+            "--mixed-precision",
+            help="Mixed precision (bf16, fp16: GPU only).",
+            show_default=_default("mixed_precision"),
+        ),
+    ] = None,
     out: Path = typer.Option(
         None, "--out", "-o", help="Run folder.", show_default="./blockctl-runs/CONCEPT"
     ),

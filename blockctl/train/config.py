@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 from blockctl.errors import InvalidInput
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
-SCHEDULES = ("constant", "cosine", "linear")
-ROE_LATENTS = ("concept", "mixed", "random")  # where erasure prompts are asked: see roe.py
+MixedPrecision = Literal["no", "bf16", "fp16"]
+Schedule = Literal["constant", "cosine", "linear"]
+RoeLatents = Literal["concept", "mixed", "random"]  # where erasure prompts are asked: see roe.py
+MIXED_PRECISION: tuple[str, ...] = get_args(MixedPrecision)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+ROE_LATENTS: tuple[str, ...] = get_args(RoeLatents)
 # Settings that change what a step computes: a resumed run must use the checkpoint's values to
 # reproduce an uninterrupted one. ``steps`` and ``checkpoint_every`` may change on resume.
 RESUMABLE_OVERRIDES = ("steps", "checkpoint_every", "mixed_precision", "strength_target")

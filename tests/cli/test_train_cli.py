@@ -11,31 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from typer.testing import CliRunner
 
 from blockctl.adapter import load_adapter
-from blockctl.cli import app
 from blockctl.train import loop
 from registry import Registry, open_registry
 from tests.conftest import create_registry
+from tests.support.cli import cli
+from tests.support.photos import write_photos
 
-runner = CliRunner()
 QUICK = ("--no-sample", "--no-publish", "--batch-size", "1", "--warmup-steps", "1")
-
-
-def cli(reg: Path | str, *args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, ["--registry", str(reg), *args])
-    return result.exit_code, result.stdout, result.stderr
-
-
-def write_photos(folder: Path, n: int = 2, seed: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        pixels = rng.integers(0, 255, (36, 44, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-    return folder
 
 
 @pytest.fixture

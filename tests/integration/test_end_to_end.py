@@ -9,16 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from blockctl.cli import app
-
-runner = CliRunner()
-
-
-def cli(reg: Path, *args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, ["--registry", str(reg), *args])
-    return result.exit_code, result.stdout, result.stderr
+from tests.support.cli import cli
 
 
 def photos(folder: Path, color: tuple[int, int, int], n: int = 3) -> Path:
