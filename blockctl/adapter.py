@@ -1,9 +1,11 @@
 """The adapter file: one safetensors file per concept, self-describing (DESIGN section 6).
 
 Tensors: ``{target}.lora_B.weight`` (out×r) per target, ``token_embedding.{token}`` (1×dim) per
-token. ``A`` is implicit (slot + basis) and not stored. Metadata: format, layout hash, base
-fingerprint, slot, concept, tokens, class word, rank, scale, training settings, and the
-sha256 of the tensor payload.
+token for the (first) text encoder and, on SDXL, ``token_embedding_2.{token}`` for
+``text_encoder_2``. ``A`` is implicit (slot + basis) and not stored. Metadata: format, layout
+hash, base fingerprint, slot, concept, tokens, class word, rank, scale, which text encoder each
+token-embedding key belongs to (``token_embeddings``), training settings, and the sha256 of the
+tensor payload.
 
 Files are pre-checked byte by byte (``safetensors_io.read_header``) before safetensors parses
 them, so a truncated file, a header that lies about sizes or a huge header is refused with a
@@ -28,14 +30,23 @@ from blockctl.safetensors_io import read_header, save_file_atomic
 FORMAT = "blockctl.adapter/1"
 UP_SUFFIX = ".lora_B.weight"
 TOKEN_PREFIX = "token_embedding."
+TEXT_ENCODER = "text_encoder"
 
 
 def up_key(target: str) -> str:
     return f"{target}{UP_SUFFIX}"
 
 
-def token_key(token: str) -> str:
-    return f"{TOKEN_PREFIX}{token}"
+def token_stem(encoder: str = TEXT_ENCODER) -> str:
+    """``text_encoder`` → ``token_embedding``, ``text_encoder_2`` → ``token_embedding_2``: the
+    first keeps the name SD 1.x adapters always had."""
+    if not encoder.startswith(TEXT_ENCODER):
+        raise ValueError(f"{encoder!r} is not a text encoder component")
+    return "token_embedding" + encoder[len(TEXT_ENCODER) :]
+
+
+def token_key(token: str, encoder: str = TEXT_ENCODER) -> str:
+    return f"{token_stem(encoder)}.{token}"
 
 
 @dataclass(frozen=True)
@@ -50,8 +61,11 @@ class AdapterMeta:
     base_fingerprint: str
     training: Mapping[str, Any] = field(default_factory=dict)
     format: str = FORMAT
+    # The text encoders holding a row per token, in the family's order (``Family.text``).
+    text_encoders: tuple[str, ...] = (TEXT_ENCODER,)
 
     def to_header(self, payload_sha256: str) -> dict[str, str]:
+        embeddings = {token_stem(e): e for e in self.text_encoders}
         return {
             "format": self.format,
             "concept": self.concept,
@@ -63,6 +77,7 @@ class AdapterMeta:
             "layout_hash": self.layout_hash,
             "base_fingerprint": self.base_fingerprint,
             "training": json.dumps(dict(self.training), sort_keys=True),
+            "token_embeddings": json.dumps(embeddings, sort_keys=True),
             "payload_sha256": payload_sha256,
         }
 
@@ -81,12 +96,27 @@ class AdapterMeta:
                 base_fingerprint=header["base_fingerprint"],
                 training=json.loads(header.get("training", "{}")),
                 format=header["format"],
+                text_encoders=_text_encoders(header),
             )
             return meta, header["payload_sha256"]
         except KeyError as exc:
             raise ValidationFailed(f"adapter metadata lacks {exc.args[0]!r}") from exc
         except (ValueError, TypeError) as exc:
             raise ValidationFailed(f"adapter metadata is malformed: {exc}") from exc
+
+
+def _text_encoders(header: Mapping[str, str]) -> tuple[str, ...]:
+    """From ``token_embeddings`` ({key stem: component}); files from before it have one."""
+    raw = header.get("token_embeddings")
+    if raw is None:
+        return (TEXT_ENCODER,)
+    mapping = json.loads(raw)
+    if not isinstance(mapping, dict) or not mapping:
+        raise ValueError("token_embeddings is not a mapping of key stems to text encoders")
+    encoders = tuple(sorted(str(e) for e in mapping.values()))
+    if any(token_stem(e) != stem for stem, e in mapping.items()):
+        raise ValueError(f"token_embeddings {mapping} pairs a key stem with another encoder")
+    return encoders
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,11 @@ _STEMS = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
+    "text_encoder_2": "model",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "tokenizer/*", "scheduler/*"]
+# Component folders only: SDXL repos also hold multi-GB single-file checkpoints at the top.
+_HUB_PATTERNS = ["*.json", "*.txt", "*/*.safetensors", "tokenizer*/*", "scheduler/*"]
 
 
 def resolve_base(spec: str) -> Path:
@@ -82,6 +84,15 @@ class BaseFolder:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+
+    def pipeline_class(self) -> str | None:
+        """``_class_name`` of the folder's ``model_index.json`` (what diffusers instantiates)."""
+        try:
+            index = json.loads((self.root / "model_index.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"cannot read {self.root / 'model_index.json'}: {exc}") from exc
+        name = index.get("_class_name") if isinstance(index, dict) else None
+        return name if isinstance(name, str) else None
 
     def component_dir(self, component: str) -> Path:
         return self.root / component

@@ -5,12 +5,15 @@ transformers 4 nests ``CLIPTextModel``'s layers under ``text_model`` and saves t
 ``text_model.encoder.layers.0.self_attn.q_proj.weight``; so do most text encoders on the Hub,
 the original SD single-file layout, kohya's sd-scripts, ComfyUI and AUTOMATIC1111.
 transformers 5 flattened the model: the same layer is ``encoder.layers.0.self_attn.q_proj``,
-and a base it saves has no prefix. blockctl names its targets the transformers 5 way
+and a base it saves has no prefix. ``CLIPTextModelWithProjection`` (SDXL's second encoder) keeps
+``text_model.`` in transformers 5 too. blockctl names its targets the transformers 5 way
 (``canonical_module``) and writes the prefix back where a file format expects it
 (``prefixed_module``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 TEXT_MODEL_PREFIX = "text_model."
 
@@ -29,3 +32,14 @@ def spellings(name: str) -> tuple[str, str]:
     """Both ways a text encoder tensor may be stored, the given one first."""
     other = canonical_module(name) if name.startswith(TEXT_MODEL_PREFIX) else prefixed_module(name)
     return name, other
+
+
+def submodule(root: Any, name: str) -> tuple[str, Any]:
+    """The live submodule of a loaded model for a module name in either spelling, and the
+    spelling that found it; AttributeError when neither does."""
+    for candidate in spellings(name):
+        try:
+            return candidate, root.get_submodule(candidate)
+        except AttributeError:
+            continue
+    raise AttributeError(f"{type(root).__name__} has no module {name!r}")

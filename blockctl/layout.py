@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from blockctl.base_model import BaseFolder
 from blockctl.clip_names import canonical_module
 from blockctl.errors import InvalidInput, ValidationFailed
+from blockctl.family import SD, Family, family_named, family_of_pipeline
 
 if TYPE_CHECKING:
     import torch
 
-SCHEMA_VERSION = 1
+# 2: the model family (SD or SDXL) and the second text encoder's token width.
+SCHEMA_VERSION = 2
 TOKEN_EMBEDDING_KEY = "embeddings.token_embedding.weight"
 
 # Target presets (DESIGN section 2). Patterns match weight keys without ".weight".
@@ -33,6 +35,9 @@ PRESETS: dict[Preset, re.Pattern[str]] = {"cross-kv": _UNET_CROSS_KV, "attn": _U
 DEFAULT_PRESET: Preset = "cross-kv"
 # Where the base came from is informational: moving a base folder keeps the layout.
 _UNHASHED = ("base",)
+# Fields added after schema 1, with the schema that added them: an older layout's hash never
+# covered them, so they are hashed only from that schema on (old registries stay valid).
+_ADDED_IN = {"family": 2, "token_dim_2": 2}
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,27 @@ class Layout:
     token_dim: int
     basis_seed: int
     basis_sha256: str
+    family: str = SD.name  # layouts before schema 2 are all SD 1.x/2.x
+    token_dim_2: int | None = None  # the second text encoder's token width (SDXL)
     schema_version: int = SCHEMA_VERSION
 
     @property
     def widths(self) -> list[int]:
         return sorted({t.in_features for t in self.targets})
+
+    @property
+    def model_family(self) -> Family:
+        return family_named(self.family)
+
+    @property
+    def token_dims(self) -> dict[str, int]:
+        """Token-embedding width of each text encoder, by diffusers component."""
+        widths = (self.token_dim, self.token_dim_2)
+        return {
+            encoder: int(w)
+            for encoder, w in zip(self.model_family.text_encoders, widths, strict=False)
+            if w is not None
+        }
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -86,7 +107,9 @@ class Layout:
                 f"({SCHEMA_VERSION}); upgrade blockctl"
             )
         fields = {k: v for k, v in data.items() if k not in ("layout_hash", "targets")}
+        fields.setdefault("schema_version", 1)  # what a record without one was written as
         layout = cls(targets=tuple(Target(**t) for t in data["targets"]), **fields)
+        family_named(layout.family)  # a family this blockctl does not know fails here
         stored = data.get("layout_hash")
         if stored is not None and stored != layout.layout_hash:
             raise ValidationFailed("layout record is damaged: its hash does not match its content")
@@ -97,18 +120,25 @@ class Layout:
         data = asdict(self)
         for key in _UNHASHED:
             data.pop(key)
+        for key, since in _ADDED_IN.items():
+            if self.schema_version < since:
+                data.pop(key)
         data["targets"] = [asdict(t) for t in self.targets]
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def find_targets(base: BaseFolder, preset: str, text_encoder: bool) -> tuple[Target, ...]:
-    """Every Linear weight of the base that the preset selects, sorted by name."""
+def find_targets(
+    base: BaseFolder, preset: str, text_encoder: bool, family: Family = SD
+) -> tuple[Target, ...]:
+    """Every Linear weight of the base that the preset selects, sorted by name; with
+    ``text_encoder``, the attention projections of every text encoder of the family."""
     if preset not in PRESETS:
         raise InvalidInput(f"unknown target preset {preset!r}; choose one of {sorted(PRESETS)}")
     found = _match(base, "unet", PRESETS[preset])
     if text_encoder:
-        found += _match(base, "text_encoder", _TEXT_ATTN)
+        for encoder in family.text_encoders:
+            found += _match(base, encoder, _TEXT_ATTN)
     if not found:
         raise InvalidInput(f"the base has no modules matching preset {preset!r}")
     return tuple(sorted(found, key=lambda t: t.name))
@@ -136,12 +166,12 @@ def fingerprint(base: BaseFolder, targets: tuple[Target, ...]) -> str:
     return digest.hexdigest()
 
 
-def token_dim(base: BaseFolder) -> int:
+def token_dim(base: BaseFolder, encoder: str = "text_encoder") -> int:
     try:
-        info = base.info("text_encoder", TOKEN_EMBEDDING_KEY)
+        info = base.info(encoder, TOKEN_EMBEDDING_KEY)
     except ValidationFailed:
         raise InvalidInput(
-            "the base's text encoder has no token embedding (not a CLIP model?)"
+            f"the base's {encoder} has no token embedding (not a CLIP model?)"
         ) from None
     return int(info.shape[1])
 
@@ -181,7 +211,8 @@ def build_layout(
     from blockctl import blocks
 
     base = BaseFolder(base_dir)
-    targets = find_targets(base, preset, text_encoder)
+    family = family_of_pipeline(base.pipeline_class())  # anything else stops here, at init
+    targets = find_targets(base, preset, text_encoder, family)
     try:
         blocks.check_capacity(slots, rank, [t.in_features for t in targets])
     except blocks.LayoutError as exc:
@@ -199,9 +230,11 @@ def build_layout(
         rank=rank,
         slots=slots,
         scale=scale,
-        token_dim=token_dim(base),
+        token_dim=token_dim(base, family.text_encoders[0]),
+        token_dim_2=token_dim(base, family.text_encoders[1]) if family.dual_text else None,
         basis_seed=seed,
         basis_sha256=basis_sha,
+        family=family.name,
     )
 
 

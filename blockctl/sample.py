@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image, ImageDraw
 
 from blockctl.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from blockctl.family import Family
 
 CAPTION_H = 12
 
@@ -25,23 +28,60 @@ def default_model() -> Path:
 
 
 def load_pipeline(model_dir: str | Path | None = None, device: str = "cpu") -> Any:
-    """A StableDiffusionPipeline in float32 from a local folder (offline; no safety checker)."""
-    from diffusers import StableDiffusionPipeline
-
+    """An SD or SDXL pipeline (by its ``model_index.json``) in float32 from a local folder
+    (offline; no safety checker)."""
+    from blockctl.base_model import BaseFolder
+    from blockctl.family import SD, family_of_pipeline
     from blockctl.quiet import quiet_libraries
 
     quiet_libraries()
     path = Path(model_dir) if model_dir is not None else default_model()
     if not (path / "model_index.json").is_file():
         raise InvalidInput(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    pipe = StableDiffusionPipeline.from_pretrained(
+    family = family_of_pipeline(BaseFolder(path).pipeline_class())
+    extra: dict[str, Any] = {}
+    if family == SD:
+        extra = {"safety_checker": None, "requires_safety_checker": False}
+    pipe = _pipeline_class(family).from_pretrained(
         path,
         local_files_only=True,
-        safety_checker=None,
-        requires_safety_checker=False,
         dtype=torch.float32,  # fp16 on CPU is slow and lossy
+        **extra,
     )
+    _pool_at_end_tokens(pipe)
     pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pipeline_class(family: Family) -> Any:
+    if family.dual_text:
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline
+
+
+def _pool_at_end_tokens(pipe: Any) -> None:
+    """conditioning.pool_at_end_token on every text encoder of the pipeline."""
+    from blockctl.conditioning import pool_at_end_token
+
+    for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        if getattr(pipe, encoder, None) is not None:
+            pool_at_end_token(getattr(pipe, encoder), getattr(pipe, tokenizer))
+
+
+def assemble_pipeline(family: Family, parts: dict[str, Any]) -> Any:
+    """A pipeline of the family around already-loaded parts (vae, unet, text encoders,
+    tokenizers, scheduler), e.g. ones carrying a concept."""
+    extra: dict[str, Any] = {}
+    if not family.dual_text:
+        extra = {"safety_checker": None, "feature_extractor": None,
+                 "requires_safety_checker": False}  # fmt: skip
+    pipe = _pipeline_class(family)(**parts, **extra)
+    _pool_at_end_tokens(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -44,8 +44,18 @@ def adapter_problems(adapter: Adapter, layout: Layout, record: SlotRecord | None
             )
     if not 0 <= meta.slot < layout.slots:
         problems.append(f"slot {meta.slot} is outside 0..{layout.slots - 1}")
+    encoders = tuple(layout.token_dims)
+    if tuple(meta.text_encoders) != encoders:
+        problems.append(
+            f"token rows for {', '.join(meta.text_encoders)} but the base's text encoders are "
+            f"{', '.join(encoders)}"
+        )
     expected = {up_key(t.name): (t.out_features, layout.rank) for t in layout.targets}
-    expected |= {token_key(tok): (1, layout.token_dim) for tok in meta.tokens}
+    expected |= {
+        token_key(tok, encoder): (1, width)
+        for encoder, width in layout.token_dims.items()
+        for tok in meta.tokens
+    }
     keys = set(adapter.tensors)
     missing, extra = sorted(expected.keys() - keys), sorted(keys - expected.keys())
     if missing:

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from blockctl.blocks import foreign_share
+from blockctl.conditioning import Conditioning, denoise, encode, pool_at_end_token
 from blockctl.errors import InvalidInput
+from blockctl.family import SD, Family
 from blockctl.train.roe import ErasureBatch
 from blockctl.train.slot_adapter import ConceptAdapter
 
@@ -24,28 +26,56 @@ class Components:
     unet: nn.Module
     noise_scheduler: Any  # DDPMScheduler on the base's training noise schedule
     sample_scheduler_config: dict[str, Any]
-    resolution: int
+    resolution: int  # the base's own: the UNet's sample size × the VAE's downsampling
     scaling_factor: float
+    family: Family = SD
+    tokenizer_2: Any = None  # SDXL's second tokenizer and text encoder
+    text_encoder_2: nn.Module | None = None
+    vae_factor: int = 8  # pixels per latent cell
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
+        parts = {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
+        if self.text_encoder_2 is not None:
+            parts["text_encoder_2"] = self.text_encoder_2
+        return parts
+
+    def text_encoders(self) -> list[nn.Module]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 else [])
+
+    def tokenizers(self) -> dict[str, Any]:
+        """By component name: what ``slot_adapter.attach`` takes."""
+        out = {"text_encoder": self.tokenizer}
+        if self.tokenizer_2 is not None:
+            out["text_encoder_2"] = self.tokenizer_2
+        return out
+
+    @property
+    def vae_upcast(self) -> bool:
+        """Whether the VAE must encode in float32 (SDXL's overflows in float16)."""
+        return bool(getattr(self.vae.config, "force_upcast", False))
 
 
-def load_components(base_dir: Path) -> Components:
+def load_components(base_dir: Path, family: Family = SD) -> Components:
     """The base's parts in float32 (trainable blocks need full precision on CPU anyway)."""
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from blockctl.quiet import quiet_libraries
 
     quiet_libraries()
+    encoder_classes = (CLIPTextModel, CLIPTextModelWithProjection)
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(str(base_dir / "tokenizer"))
-        text_encoder = CLIPTextModel.from_pretrained(
-            str(base_dir / "text_encoder"), dtype=torch.float32, use_safetensors=True
-        )
+        tokenizers, encoders = [], []
+        for part, cls in zip(family.text, encoder_classes, strict=False):
+            tokenizer = CLIPTokenizer.from_pretrained(str(base_dir / part.tokenizer))
+            encoder = cls.from_pretrained(
+                str(base_dir / part.encoder), dtype=torch.float32, use_safetensors=True
+            )
+            pool_at_end_token(encoder, tokenizer)
+            tokenizers.append(tokenizer)
+            encoders.append(encoder)
         vae = AutoencoderKL.from_pretrained(
             str(base_dir / "vae"), torch_dtype=torch.float32, use_safetensors=True
         )
@@ -58,15 +88,20 @@ def load_components(base_dir: Path) -> Components:
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     resolution = int(unet.config.sample_size) * vae_factor
+    second = family.dual_text
     return Components(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
+        tokenizer=tokenizers[0],
+        text_encoder=encoders[0],
         vae=vae,
         unet=unet,
         noise_scheduler=noise_scheduler,
         sample_scheduler_config=scheduler_config,
         resolution=resolution,
         scaling_factor=float(vae.config.scaling_factor),
+        family=family,
+        tokenizer_2=tokenizers[1] if second else None,
+        text_encoder_2=encoders[1] if second else None,
+        vae_factor=vae_factor,
     )
 
 
@@ -75,7 +110,8 @@ class StepModel(nn.Module):
 
     The concept batch and the erasure student share one UNet call (batch concatenated): on
     small batches that is markedly cheaper than two calls. The target runs with the slot
-    adapter off and without grad.
+    adapter off and without grad. Conditioning (conditioning.py) is the family's: on SDXL both
+    text encoders, the pooled embedding and ``time_ids``, the add_time_ids of each image.
     """
 
     def __init__(
@@ -84,18 +120,33 @@ class StepModel(nn.Module):
         text_encoder: nn.Module,
         adapter: ConceptAdapter,
         foreign: torch.Tensor | None = None,
+        text_encoder_2: nn.Module | None = None,
     ):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
         self.adapter = adapter
-        self.text_slots = any(n.startswith("text_encoder.") for n in adapter.slots)
-        # Other slots' down-projections at the text encoder's width, when token isolation is on.
+        self.text_slots = any(n.startswith("text_encoder") for n in adapter.slots)
+        # Other slots' down-projections at the conditioning's width, when token isolation is on.
         self.foreign: torch.Tensor | None
         self.register_buffer("foreign", foreign)
 
-    def encode(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(ids)[0]
+    def encode(self, ids: torch.Tensor) -> Conditioning:
+        encoders = [self.text_encoder]
+        if self.text_encoder_2 is not None:
+            encoders.append(self.text_encoder_2)
+        return encode(encoders, ids)
+
+    def predict(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        ids: torch.Tensor,
+        time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The UNet's prediction for prompts ``ids`` (one forward, no erasure)."""
+        return denoise(self.unet, noisy, timesteps, self.encode(ids), time_ids)
 
     def forward(
         self,
@@ -103,6 +154,7 @@ class StepModel(nn.Module):
         timesteps: torch.Tensor,
         ids: torch.Tensor,
         erasure: ErasureBatch | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> StepOutput:
         cond = self.encode(ids)
         isolation = None
@@ -111,25 +163,30 @@ class StepModel(nn.Module):
             # position that attends to it), compared with the untrained model.
             with torch.no_grad(), self.adapter.disabled():
                 before = self.encode(ids)
-            isolation = foreign_share(cond.float() - before.float(), self.foreign)
+            isolation = foreign_share(cond.hidden.float() - before.hidden.float(), self.foreign)
         if erasure is None:
-            return StepOutput(self.unet(noisy, timesteps, cond).sample, None, None, isolation)
-        embedding = self.adapter.embedding
-        embedding.set_scratch(erasure.standins)  # the stand-in tokens' rows, if any
+            pred = denoise(self.unet, noisy, timesteps, cond, time_ids)
+            return StepOutput(pred, None, None, isolation)
+        # the stand-in tokens' rows, if any, in each encoder
+        self.adapter.set_scratch(erasure.standin_rows())
         try:
             with torch.no_grad(), self.adapter.slots_disabled():
                 base_cond = self.encode(erasure.ids)
-                target = self.unet(erasure.noisy, erasure.timesteps, base_cond).sample
+                target = denoise(
+                    self.unet, erasure.noisy, erasure.timesteps, base_cond, erasure.time_ids
+                )
             # Without text-encoder slots the erasure prompts encode the same with or without
             # the adapter (the learnt token is never among them): the no-grad encoding is reused.
             roe_cond = self.encode(erasure.ids) if self.text_slots else base_cond
         finally:
-            embedding.set_scratch(None)
-        both = self.unet(
+            self.adapter.set_scratch({})
+        both = denoise(
+            self.unet,
             torch.cat([noisy, erasure.noisy.to(noisy.dtype)]),
             torch.cat([timesteps, erasure.timesteps]),
-            torch.cat([cond, roe_cond.to(cond.dtype)]),
-        ).sample
+            cond.cat(roe_cond),
+            _cat_or_none(time_ids, erasure.time_ids),
+        )
         n = noisy.shape[0]
         return StepOutput(both[:n], both[n:], target, isolation)
 
@@ -139,3 +196,7 @@ class StepOutput(NamedTuple):
     student: torch.Tensor | None  # erasure batch, adapter on
     teacher: torch.Tensor | None  # erasure batch, adapter's slots off (no grad)
     isolation: torch.Tensor | None  # share of the token's change other slots can see
+
+
+def _cat_or_none(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return None if a is None or b is None else torch.cat([a, b])

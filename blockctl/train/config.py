@@ -16,7 +16,9 @@ SCHEDULES: tuple[str, ...] = get_args(Schedule)
 ROE_LATENTS: tuple[str, ...] = get_args(RoeLatents)
 # Settings that change what a step computes: a resumed run must use the checkpoint's values to
 # reproduce an uninterrupted one. ``steps`` and ``checkpoint_every`` may change on resume.
-RESUMABLE_OVERRIDES = ("steps", "checkpoint_every", "mixed_precision", "strength_target")
+RESUMABLE_OVERRIDES = (
+    "steps", "checkpoint_every", "mixed_precision", "strength_target", "gradient_checkpointing",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,12 @@ class TrainConfig:
     checkpoint_every: int = 100
     mixed_precision: str = "no"
     flip: bool = True
+    # Side of the training square in pixels; 0: the base's own (UNet sample size × the VAE's
+    # downsampling: 1024 on SDXL, 512 on SD 1.x, 768 on SD 2.x-v, 64 on the toy base).
+    resolution: int = 0
+    # Recompute UNet activations (and the text encoders', when they carry slots) in the
+    # backward pass: less memory, about a third more time. Same gradients.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         positive_ints = ("steps", "batch_size", "grad_accum", "checkpoint_every", "min_steps")
@@ -80,6 +88,10 @@ class TrainConfig:
             raise InvalidInput(
                 f"--roe-batch-size ({self.roe_batch_size}) cannot exceed --batch-size "
                 f"({self.batch_size}): erasure reuses the concept batch's noised latents"
+            )
+        if not isinstance(self.resolution, int) or self.resolution < 0:
+            raise InvalidInput(
+                f"--resolution must be a positive number of pixels, got {self.resolution}"
             )
         if self.warmup_steps < 0:
             raise InvalidInput(f"--warmup-steps must not be negative, got {self.warmup_steps}")

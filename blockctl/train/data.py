@@ -1,10 +1,11 @@
 """The concept's photos: read once, normalised to the base's resolution, encoded once.
 
 Each image is decoded, converted to RGB (transparency composited on white, EXIF orientation
-applied), resized so its shorter side matches the resolution and centre-cropped. The VAE's
-posterior (mean, std) of every image and of its mirror image is cached, so a training step only
-draws ``mean + std·z``: the same distribution as encoding the photo every step, without paying
-for the VAE encoder each time.
+applied), resized so its shorter side matches the resolution (aspect preserved) and
+centre-cropped. Where the crop fell is kept per photo (``Framing``), for SDXL's ``add_time_ids``.
+The VAE's posterior (mean, std) of every image and of its mirror image is cached, so a training
+step only draws ``mean + std·z``: the same distribution as encoding the photo every step,
+without paying for the VAE encoder each time.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from blockctl.conditioning import micro_conditioning
 from blockctl.errors import InvalidInput
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -30,13 +32,45 @@ class Photo:
 
 
 @dataclass(frozen=True)
+class Framing:
+    """Where a photo's training square came from (pixels, (height, width) order)."""
+
+    original: tuple[int, int]  # the photo as read, EXIF orientation applied
+    resized: tuple[int, int]  # after its shorter side went to the resolution
+    crop: tuple[int, int]  # (top, left) of the centre square in the resized photo
+    size: int  # the square's side: the training resolution
+
+    def mirrored(self) -> Framing:
+        """The same square taken from the mirrored photo: its left edge moves across."""
+        top, left = self.crop
+        return Framing(self.original, self.resized, (top, self.resized[1] - left - self.size),
+                       self.size)  # fmt: skip
+
+    def time_ids(self) -> tuple[int, ...]:
+        """SDXL's add_time_ids: original size, crop top-left, target size."""
+        return micro_conditioning(self.original, self.crop, (self.size, self.size))
+
+
+@dataclass(frozen=True)
 class ConceptPhotos:
     photos: tuple[Photo, ...]
     pixels: torch.Tensor  # (N, 3, H, W) in [-1, 1]
     skipped: tuple[tuple[str, str], ...]  # (file name, reason)
+    framing: tuple[Framing, ...] = ()
 
     def __len__(self) -> int:
         return len(self.photos)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.pixels.shape[-1])
+
+    def time_ids(self) -> torch.Tensor:
+        """add_time_ids (2, N, 6) of each photo as is ``[0]`` and mirrored ``[1]``, the order
+        ``LatentBank`` keeps its posteriors in."""
+        rows = [[f.time_ids() for f in self.framing],
+                [f.mirrored().time_ids() for f in self.framing]]  # fmt: skip
+        return torch.tensor(rows, dtype=torch.float32)
 
 
 def default_caption(token: str, class_word: str) -> str:
@@ -63,7 +97,7 @@ def load_photos(
         raise InvalidInput(
             f"no photos in {folder}", hint="put the concept's jpg/png/webp photos in the folder"
         )
-    photos, tensors, skipped = [], [], []
+    photos, tensors, skipped, framing = [], [], [], []
     for path in files:
         try:
             image = _read(path)
@@ -72,14 +106,16 @@ def load_photos(
             skipped.append((path.name, reason))
             say(f"skipping {path.name}: not a readable image ({reason})")
             continue
-        tensors.append(_to_tensor(_fit(image, resolution)))
+        square, frame = _fit(image, resolution)
+        tensors.append(_to_tensor(square))
+        framing.append(frame)
         photos.append(Photo(path, _caption(path, token, class_word, say)))
     if not photos:
         raise InvalidInput(
             f"none of the {len(files)} image file(s) in {folder} could be read",
             hint="check that the files are valid jpg/png/webp images",
         )
-    return ConceptPhotos(tuple(photos), torch.stack(tensors), tuple(skipped))
+    return ConceptPhotos(tuple(photos), torch.stack(tensors), tuple(skipped), tuple(framing))
 
 
 def _read(path: Path) -> Image.Image:
@@ -95,14 +131,15 @@ def _read(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def _fit(image: Image.Image, resolution: int) -> Image.Image:
-    """Shorter side to ``resolution``, then the centre square."""
+def _fit(image: Image.Image, resolution: int) -> tuple[Image.Image, Framing]:
+    """Shorter side to ``resolution``, then the centre square, and where it was cut."""
     w, h = image.size
     factor = resolution / min(w, h)
     size = (max(resolution, round(w * factor)), max(resolution, round(h * factor)))
     image = image.resize(size, Image.Resampling.LANCZOS)
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
+    frame = Framing((h, w), (size[1], size[0]), (top, left), resolution)
+    return image.crop((left, top, left + resolution, top + resolution)), frame
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -128,18 +165,36 @@ def _caption(path: Path, token: str, class_word: str, say: Callable[[str], None]
 @dataclass(frozen=True)
 class LatentBank:
     """Cached VAE posteriors: index ``[flip, image]`` gives mean and std, already scaled by the
-    VAE's ``scaling_factor`` (unit-variance latents; without it the loss is trivially small)."""
+    VAE's ``scaling_factor`` (unit-variance latents; without it the loss is trivially small);
+    on SDXL also each image's add_time_ids, indexed the same way."""
 
     mean: torch.Tensor  # (2, N, C, h, w)
     std: torch.Tensor
+    time_ids: torch.Tensor | None = None  # (2, N, 6)
 
     def sample(self, index: torch.Tensor, flip: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         which = flip.long()
         return self.mean[which, index] + self.std[which, index] * noise
 
+    def time_ids_for(self, index: torch.Tensor, flip: torch.Tensor) -> torch.Tensor | None:
+        return None if self.time_ids is None else self.time_ids[flip.long(), index]
+
+
+def encode_dtype(mixed_precision: str, upcast: bool) -> torch.dtype:
+    """The VAE's dtype for encoding the photos: float32 unless mixed precision is on and the VAE
+    is safe in half precision (SDXL's is not: its config says ``force_upcast``)."""
+    if upcast or mixed_precision == "no":
+        return torch.float32
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+
 
 @torch.no_grad()
-def encode_photos(vae: torch.nn.Module, pixels: torch.Tensor, scaling: float) -> LatentBank:
+def encode_photos(
+    vae: torch.nn.Module,
+    pixels: torch.Tensor,
+    scaling: float,
+    time_ids: torch.Tensor | None = None,
+) -> LatentBank:
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
     means, stds = [], []
@@ -153,4 +208,4 @@ def encode_photos(vae: torch.nn.Module, pixels: torch.Tensor, scaling: float) ->
             sd.append((dist.std.float() * scaling).cpu())
         means.append(torch.cat(mu))
         stds.append(torch.cat(sd))
-    return LatentBank(torch.stack(means), torch.stack(stds))
+    return LatentBank(torch.stack(means), torch.stack(stds), time_ids)

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from blockctl.conditioning import stack_ids
+from blockctl.conditioning import tokenize as tokenize_prompts
 from blockctl.errors import BlockctlError
 from blockctl.train import checkpoint, roe
 from blockctl.train.components import Components, StepModel
@@ -77,13 +79,12 @@ def step_seed(seed: int, step: int, micro: int, rank: int, stream: str) -> int:
 
 
 def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
+    return tokenize_prompts([tokenizer], prompts)
+
+
+def tokenize_for(components: Components, prompts: list[str]) -> torch.Tensor:
+    """Token ids for every text encoder of the base: (n, L), or (n, 2, L) on SDXL."""
+    return tokenize_prompts(list(components.tokenizers().values()), prompts)
 
 
 def build_optimizer(config: TrainConfig, adapter: ConceptAdapter) -> torch.optim.AdamW:
@@ -121,6 +122,7 @@ class MicroBatch:
     ids: torch.Tensor  # caption token ids
     target: torch.Tensor  # diffusion target
     erasure: roe.ErasureBatch | None
+    time_ids: torch.Tensor | None = None  # SDXL: each item's add_time_ids (b, 6)
 
 
 def micro_batch(inputs: LoopInputs, step: int, micro: int, rank: int) -> MicroBatch:
@@ -141,30 +143,46 @@ def micro_batch(inputs: LoopInputs, step: int, micro: int, rank: int) -> MicroBa
         target = sched.get_velocity(latents, noise, timesteps)
     else:
         target = noise
+    time_ids = inputs.bank.time_ids_for(index, flip)
     erasure = None
     if cfg.roe_active:
         rng = random.Random(step_seed(cfg.seed, step, micro, rank, "roe"))
         if roe.draw(rng, cfg.roe_prob):
             mix = roe.ErasureMix(standin=cfg.roe_standin, empty=cfg.roe_empty)
             prompts = inputs.pool.sample(rng, cfg.erasure_batch, mix)
-            embedding = inputs.adapter.embedding
-            ids, used = roe.tokenize_with_standins(
-                comps.tokenizer, prompts, embedding.scratch_start
-            )
+            embeddings = inputs.adapter.embeddings
+            tokenizers = comps.tokenizers()
+            # Each encoder's tokenizer places the stand-ins at its own scratch ids (SDXL).
+            per_encoder = {
+                encoder: roe.tokenize_with_standins(tokenizers[encoder], prompts, e.scratch_start)
+                for encoder, e in embeddings.items()
+            }
+            ids = stack_ids([found for found, _ in per_encoder.values()])
+            used = per_encoder["text_encoder"][1]
             latent_gen = torch.Generator().manual_seed(
                 step_seed(cfg.seed, step, micro, rank, "roe-latents")
             )
             erasure = roe.erasure_batch(ids, noisy, timesteps, sched, cfg.roe_latents, latent_gen)
+            # The erasure prompts are asked on the first k items' latents (or on Gaussian ones
+            # in their place): those items' add_time_ids go with them.
+            k = ids.shape[0]
+            erasure = replace(erasure, time_ids=None if time_ids is None else time_ids[:k])
             if used:
-                standin_gen = torch.Generator().manual_seed(
-                    step_seed(cfg.seed, step, micro, rank, "roe-standins")
+                rows: dict[str, torch.Tensor] = {}
+                for encoder, e in embeddings.items():
+                    # The same seed for every encoder: the same anchor ids, each from its own
+                    # encoder's table, each with its own random offset.
+                    standin_gen = torch.Generator().manual_seed(
+                        step_seed(cfg.seed, step, micro, rank, "roe-standins")
+                    )
+                    rows[encoder] = roe.standin_rows(
+                        e.base.weight, inputs.pool.anchors, used,
+                        cfg.roe_standin_offset, e.max_norm, standin_gen,
+                    )  # fmt: skip
+                erasure = replace(
+                    erasure, standins=rows["text_encoder"], standins_2=rows.get("text_encoder_2")
                 )
-                rows = roe.standin_rows(
-                    embedding.base.weight, inputs.pool.anchors, used,
-                    cfg.roe_standin_offset, embedding.max_norm, standin_gen,
-                )  # fmt: skip
-                erasure = replace(erasure, standins=rows)
-    return MicroBatch(noisy, timesteps, inputs.caption_ids[index], target, erasure)
+    return MicroBatch(noisy, timesteps, inputs.caption_ids[index], target, erasure, time_ids)
 
 
 def run(
@@ -228,6 +246,7 @@ def train_step(
                 batch.timesteps.to(device),
                 batch.ids.to(device),
                 None if batch.erasure is None else batch.erasure.to(device),
+                None if batch.time_ids is None else batch.time_ids.to(device),
             )
             loss = F.mse_loss(out.pred.float(), batch.target.to(device).float())
             if out.student is not None and out.teacher is not None:
@@ -245,7 +264,7 @@ def train_step(
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            inputs.adapter.embedding.project_()
+            inputs.adapter.project_()
         total += float(loss.detach()) / cfg.grad_accum
     return total, erased
 
@@ -259,7 +278,7 @@ def strong_enough(config: TrainConfig, state: LoopState) -> bool:
 
 def measure_strength(inputs: LoopInputs) -> float:
     comps = inputs.components
-    return delta_sq(inputs.probe, comps.unet, comps.text_encoder, inputs.adapter)
+    return delta_sq(inputs.probe, comps.unet, comps.text_encoders(), inputs.adapter)
 
 
 def _agree(accelerator: Any, requested: bool) -> bool:

@@ -32,22 +32,18 @@ def sample_grid(
     guidance: float = 5.0,
     seed: int = 0,
 ) -> Path:
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
-        StableDiffusionPipeline,
-    )
     from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 
+    from blockctl.sample import assemble_pipeline
+
     parts: dict[str, Any] = dict(
-        vae=comps.vae,
-        text_encoder=comps.text_encoder,
+        comps.modules(),
         tokenizer=comps.tokenizer,
-        unet=comps.unet,
         scheduler=DPMSolverMultistepScheduler.from_config(comps.sample_scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
-    pipe: Any = StableDiffusionPipeline(**parts)
+    if comps.tokenizer_2 is not None:
+        parts["tokenizer_2"] = comps.tokenizer_2
+    pipe: Any = assemble_pipeline(comps.family, parts)
     pipe.set_progress_bar_config(disable=True)
     rows: list[list[Image.Image]] = []
     for prompt in prompts:

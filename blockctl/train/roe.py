@@ -252,16 +252,27 @@ def standin_rows(
 
 @dataclass(frozen=True)
 class ErasureBatch:
-    ids: torch.Tensor  # erasure prompts' token ids (k, L)
+    ids: torch.Tensor  # erasure prompts' token ids (k, L); SDXL: (k, 2, L), one per tokenizer
     noisy: torch.Tensor  # noised latents (k, C, H, W)
     timesteps: torch.Tensor  # (k,)
     standins: torch.Tensor | None = None  # scratch rows the ids refer to (m, dim)
+    # SDXL: the same stand-ins in text_encoder_2 (from its own table, the same anchor ids),
+    # and the add_time_ids of the latents the prompts are asked on (k, 6).
+    standins_2: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def standin_rows(self) -> dict[str, torch.Tensor | None]:
+        """The scratch rows by text encoder (``ConceptAdapter.set_scratch``)."""
+        return {"text_encoder": self.standins, "text_encoder_2": self.standins_2}
 
     def to(self, device: torch.device | str) -> ErasureBatch:
-        rows = None if self.standins is None else self.standins.to(device)
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
         return ErasureBatch(
-            self.ids.to(device), self.noisy.to(device), self.timesteps.to(device), rows
-        )
+            self.ids.to(device), self.noisy.to(device), self.timesteps.to(device),
+            move(self.standins), move(self.standins_2), move(self.time_ids),
+        )  # fmt: skip
 
 
 def erasure_batch(

@@ -19,7 +19,13 @@ from blockctl.layout import Layout, fingerprint, layout_of, load_basis, sha256_f
 from blockctl.train import checkpoint, loop, roe
 from blockctl.train.components import StepModel, load_components
 from blockctl.train.config import RESUMABLE_OVERRIDES, TrainConfig
-from blockctl.train.data import ConceptPhotos, default_caption, encode_photos, load_photos
+from blockctl.train.data import (
+    ConceptPhotos,
+    default_caption,
+    encode_dtype,
+    encode_photos,
+    load_photos,
+)
 from blockctl.train.slot_adapter import ConceptAdapter, attach, freeze, vocabulary_norms
 from blockctl.train.strength import make_probe
 from blockctl.verify import check_for_publish
@@ -142,42 +148,46 @@ def prepare(registry: Registry, request: TrainRequest, say: Say = print) -> Sess
     ckpt = _checkpoint_for(request, record, layout, say)
     config = resolve_config(request, ckpt, say)
 
-    comps = load_components(base_dir)
-    photos = load_photos(
-        request.photos, comps.resolution, record.token, record.class_word, warn=say
-    )
+    family = layout.model_family
+    comps = load_components(base_dir, family)
+    resolution = training_resolution(config.resolution, comps.resolution, comps.vae_factor)
+    photos = load_photos(request.photos, resolution, record.token, record.class_word, warn=say)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
         cpu=not torch.cuda.is_available(),
     )
     device = accelerator.device
-    freeze(comps.unet, comps.text_encoder, comps.vae)
-    comps.vae.to(device)
-    bank = encode_photos(comps.vae, photos.pixels, comps.scaling_factor)
+    freeze(*comps.modules().values())
+    comps.vae.to(device, dtype=encode_dtype(config.mixed_precision, comps.vae_upcast))
+    time_ids = photos.time_ids() if family.dual_text else None
+    bank = encode_photos(comps.vae, photos.pixels, comps.scaling_factor, time_ids)
+    comps.vae.to(dtype=torch.float32)  # the sample grid decodes in full precision
     bases = load_basis(registry.basis_path(), layout)
     adapter = attach(
         comps.modules(),
         layout,
         bases,
         record.slot,
-        comps.tokenizer,
+        comps.tokenizers(),
         record.token,
         record.class_word,
         config.token_norm_bound,
     )
-    comps.unet.to(device)
-    comps.text_encoder.to(device)
-    comps.unet.train()
-    comps.text_encoder.train()
+    for name, module in comps.modules().items():
+        if name != "vae":
+            module.to(device)
+            module.train()
+    if config.gradient_checkpointing:
+        _checkpoint_activations(comps, layout)
     others = [
         x for r in registry.slots() if r.concept != record.concept for x in (r.token, r.concept)
     ]
     pool = roe.build_pool(comps.tokenizer, record.token, record.class_word, record.concept, others)
-    caption_ids = loop.tokenize(comps.tokenizer, [p.caption for p in photos.photos])
+    caption_ids = loop.tokenize_for(comps, [p.caption for p in photos.photos])
 
-    foreign = _foreign(config, layout, bases, record.slot, comps.text_encoder, say)
-    model = StepModel(comps.unet, comps.text_encoder, adapter, foreign)
+    foreign = _foreign(config, layout, bases, record.slot, comps.unet, say)
+    model = StepModel(comps.unet, comps.text_encoder, adapter, foreign, comps.text_encoder_2)
     optimizer = loop.build_optimizer(config, adapter)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = loop.LoopState()
@@ -209,22 +219,47 @@ def prepare(registry: Registry, request: TrainRequest, say: Say = print) -> Sess
     )
 
 
+def training_resolution(asked: int, native: int, vae_factor: int) -> int:
+    """The side of the training square: ``asked`` (0: the base's own), a multiple of the VAE's
+    downsampling so that it maps onto whole latent cells."""
+    resolution = asked or native
+    if resolution % vae_factor:
+        raise InvalidInput(
+            f"--resolution {resolution} is not a multiple of {vae_factor}, the base's VAE "
+            "downsampling factor",
+            hint=f"the base's own resolution is {native}",
+        )
+    return resolution
+
+
+def _checkpoint_activations(comps: Any, layout: Layout) -> None:
+    """Gradient checkpointing on the UNet, and on each text encoder that carries slots (one
+    that carries only the token row has nothing worth recomputing)."""
+    comps.unet.enable_gradient_checkpointing()
+    for encoder in layout.model_family.text_encoders:
+        if any(t.component == encoder for t in layout.targets):
+            comps.modules()[encoder].gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+
+
 def _foreign(
     config: TrainConfig,
     layout: Layout,
     bases: Mapping[int, torch.Tensor],
     slot: int,
-    text_encoder: Any,
+    unet: Any,
     say: Say,
 ) -> torch.Tensor | None:
-    """Other slots' down-projections at the text encoder's width, for token isolation."""
+    """Other slots' down-projections at the width of the prompt encoding the UNet reads (the
+    text encoder's, or on SDXL both side by side), for token isolation."""
     if config.token_isolation <= 0:
         return None
-    width = int(text_encoder.config.hidden_size)
+    width = int(unet.config.cross_attention_dim)
     if width not in bases:
         say(
-            "note: token isolation is off: no target of this layout reads the text encoder's "
-            f"{width}-wide output"
+            "note: token isolation is off: no target of this layout reads the "
+            f"{width}-wide prompt encoding"
         )
         return None
     return foreign_down(bases[width], slot, layout.rank, layout.slots)
@@ -263,7 +298,10 @@ def train(
             scale=layout.scale,
             layout_hash=layout.layout_hash,
             base_fingerprint=layout.base_fingerprint,
-            training=_training_meta(config, len(photos), state, final_loss, adapter),
+            training=_training_meta(
+                config, photos.resolution, len(photos), state, final_loss, adapter
+            ),
+            text_encoders=tuple(layout.token_dims),
         )
         write_adapter(adapter_path, adapter.state_tensors(), meta)
         check_for_publish(adapter_path, layout, registry)
@@ -328,25 +366,30 @@ def _run_meta(record: SlotRecord, layout: Layout) -> dict[str, Any]:
 
 def _training_meta(
     config: TrainConfig,
+    resolution: int,
     photos: int,
     state: loop.LoopState,
     final_loss: float,
     adapter: ConceptAdapter,
 ) -> dict[str, Any]:
-    embedding = adapter.embedding
-    return {
+    meta: dict[str, Any] = {
         "trainer": f"blockctl {__version__}",
         **config.to_dict(),
+        "resolution": resolution,
         "photos": photos,
         "steps_taken": state.step,
         "roe_steps": state.roe_steps,
         "final_loss": final_loss,
         "strength": [[s, round(v, 8)] for s, v in state.strength],
-        # where the learnt token ended, against the vocabulary it must stay among
-        "token_norm": round(float(embedding.row.detach().norm()), 4),
-        "token_init_norm": round(float(embedding.initial.norm()), 4),
-        "vocabulary_norms": vocabulary_norms(embedding.base.weight).to_dict(),
     }
+    # Where each learnt token row ended, against the vocabulary it must stay among; the first
+    # encoder's under the names SD adapters always had.
+    for encoder, embedding in adapter.embeddings.items():
+        suffix = encoder.removeprefix("text_encoder")
+        meta[f"token_norm{suffix}"] = round(float(embedding.row.detach().norm()), 4)
+        meta[f"token_init_norm{suffix}"] = round(float(embedding.initial.norm()), 4)
+        meta[f"vocabulary_norms{suffix}"] = vocabulary_norms(embedding.base.weight).to_dict()
+    return meta
 
 
 def _grid(

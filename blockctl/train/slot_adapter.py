@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockctl.adapter import token_key, up_key
+from blockctl.adapter import TEXT_ENCODER, token_key, up_key
 from blockctl.blocks import slot_down
+from blockctl.clip_names import submodule
 from blockctl.errors import InvalidInput
 from blockctl.layout import Layout, Target
 
@@ -125,23 +126,42 @@ class TokenEmbedding(nn.Module):
 
 
 class ConceptAdapter:
-    """Every trainable piece of one concept and a switch for all of them at once."""
+    """Every trainable piece of one concept and a switch for all of them at once: the slot
+    layers and the token's row in each text encoder (one on SD, two on SDXL)."""
 
-    def __init__(self, slots: Mapping[str, SlotLinear], embedding: TokenEmbedding, token: str):
+    def __init__(
+        self,
+        slots: Mapping[str, SlotLinear],
+        embedding: TokenEmbedding | Mapping[str, TokenEmbedding],
+        token: str,
+    ):
         self.slots = dict(slots)
-        self.embedding = embedding
+        embeddings = embedding if isinstance(embedding, Mapping) else {TEXT_ENCODER: embedding}
+        self.embeddings: dict[str, TokenEmbedding] = dict(embeddings)
+        self.embedding = self.embeddings[TEXT_ENCODER]  # the first encoder's, as on SD
         self.token = token
 
     def slot_parameters(self) -> list[nn.Parameter]:
         return [m.up for m in self.slots.values()]
 
     def embedding_parameters(self) -> list[nn.Parameter]:
-        return [self.embedding.row]
+        return [e.row for e in self.embeddings.values()]
 
     def set_enabled(self, enabled: bool) -> None:
         for m in self.slots.values():
             m.enabled = enabled
-        self.embedding.enabled = enabled
+        for e in self.embeddings.values():
+            e.enabled = enabled
+
+    def project_(self) -> None:
+        """Every token row back inside its own encoder's norm bound (after an optimizer step)."""
+        for e in self.embeddings.values():
+            e.project_()
+
+    def set_scratch(self, rows: Mapping[str, torch.Tensor | None]) -> None:
+        """Stand-in rows per text encoder (``TokenEmbedding.set_scratch``); absent: none."""
+        for encoder, e in self.embeddings.items():
+            e.set_scratch(rows.get(encoder))
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
@@ -167,28 +187,28 @@ class ConceptAdapter:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The adapter file's tensors (DESIGN section 6)."""
         out = {up_key(name): m.up.detach().float().cpu().clone() for name, m in self.slots.items()}
-        out[token_key(self.token)] = self.embedding.row.detach().float().cpu().clone()
+        for encoder, e in self.embeddings.items():
+            out[token_key(self.token, encoder)] = e.row.detach().float().cpu().clone()
         return out
 
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for name, m in self.slots.items():
                 m.up.copy_(tensors[up_key(name)])
-            self.embedding.row.copy_(tensors[token_key(self.token)])
+            for encoder, e in self.embeddings.items():
+                e.row.copy_(tensors[token_key(self.token, encoder)])
 
 
 def find_module(root: nn.Module, module: str) -> tuple[str, nn.Module]:
-    """The live submodule for a layout module name. transformers 5 dropped the ``text_model.``
-    level of CLIPTextModel that saved weights (and hence layouts) still carry."""
-    candidates = [module]
-    if module.startswith("text_model."):
-        candidates.append(module[len("text_model.") :])
-    for name in candidates:
-        try:
-            return name, root.get_submodule(name)
-        except AttributeError:
-            continue
-    raise InvalidInput(f"the base model has no module {module!r} (layout made for another base?)")
+    """The live submodule for a layout module name, with or without ``text_model.``
+    (clip_names): transformers 5 dropped that level of CLIPTextModel but not of
+    CLIPTextModelWithProjection, and saved weights (hence layouts) may carry either."""
+    try:
+        return submodule(root, module)
+    except AttributeError:
+        raise InvalidInput(
+            f"the base model has no module {module!r} (layout made for another base?)"
+        ) from None
 
 
 def attach(
@@ -196,19 +216,27 @@ def attach(
     layout: Layout,
     bases: Mapping[int, torch.Tensor],
     slot: int,
-    tokenizer: object,
+    tokenizer: object | Mapping[str, object],
     token: str,
     class_word: str,
     token_norm_bound: float = 0.0,
 ) -> ConceptAdapter:
-    """Wrap every target of ``layout`` in ``components`` and add the concept token, its norm
-    bounded to ``token_norm_bound`` × the vocabulary's largest row norm (0: unbounded)."""
+    """Wrap every target of ``layout`` in ``components`` and add the concept token to every
+    text encoder of the layout's family (``tokenizer``: the one tokenizer, or one per encoder
+    by component name), each row initialised from the class word in that encoder and its norm
+    bounded to ``token_norm_bound`` × that encoder's largest vocabulary row norm (0: none)."""
     slots: dict[str, SlotLinear] = {}
     for target in layout.targets:
         slots[target.name] = _wrap(components, target, bases, slot, layout)
-    text_encoder = components["text_encoder"]
-    embedding = _add_token(text_encoder, tokenizer, token, class_word, token_norm_bound)
-    return ConceptAdapter(slots, embedding, token)
+    tokenizers = tokenizer if isinstance(tokenizer, Mapping) else {TEXT_ENCODER: tokenizer}
+    embeddings = {}
+    for encoder in layout.token_dims:
+        if encoder not in components or encoder not in tokenizers:
+            raise InvalidInput(f"the base's {encoder} or its tokenizer was not loaded")
+        embeddings[encoder] = _add_token(
+            components[encoder], tokenizers[encoder], token, class_word, token_norm_bound
+        )
+    return ConceptAdapter(slots, embeddings, token)
 
 
 def _wrap(

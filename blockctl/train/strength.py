@@ -11,11 +11,13 @@ learnt little looks bad on all of them, which is why the curve is worth keeping.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from blockctl.conditioning import denoise, encode
 from blockctl.train.data import LatentBank
 from blockctl.train.slot_adapter import ConceptAdapter
 
@@ -29,6 +31,7 @@ class StrengthProbe:
     ids: torch.Tensor  # (k, L) the concept's own caption, repeated
     noisy: torch.Tensor  # (k, C, h, w)
     timesteps: torch.Tensor  # (k,)
+    time_ids: torch.Tensor | None = None  # SDXL: the photos' add_time_ids (k, 6)
 
 
 def make_probe(
@@ -45,19 +48,24 @@ def make_probe(
     steps = int(scheduler.config.num_train_timesteps)  # type: ignore[attr-defined]
     timesteps = (torch.tensor(PROBE_TIMES) * steps).long()
     noisy = scheduler.add_noise(latents, noise, timesteps)  # type: ignore[attr-defined]
-    return StrengthProbe(caption_ids[index], noisy, timesteps)
+    return StrengthProbe(caption_ids[index], noisy, timesteps, bank.time_ids_for(index, flip))
 
 
 @torch.no_grad()
 def delta_sq(
-    probe: StrengthProbe, unet: nn.Module, text_encoder: nn.Module, adapter: ConceptAdapter
+    probe: StrengthProbe,
+    unet: nn.Module,
+    text_encoders: nn.Module | Sequence[nn.Module],
+    adapter: ConceptAdapter,
 ) -> float:
-    """mean((ε_on − ε_off)²) over the probe."""
+    """mean((ε_on − ε_off)²) over the probe (one text encoder, or SDXL's two)."""
+    encoders = [text_encoders] if isinstance(text_encoders, nn.Module) else list(text_encoders)
     device = next(unet.parameters()).device
     ids, noisy, t = probe.ids.to(device), probe.noisy.to(device), probe.timesteps.to(device)
-    on = unet(noisy, t, text_encoder(ids)[0]).sample
+    time_ids = None if probe.time_ids is None else probe.time_ids.to(device)
+    on = denoise(unet, noisy, t, encode(encoders, ids), time_ids)
     with adapter.disabled():
-        off = unet(noisy, t, text_encoder(ids)[0]).sample
+        off = denoise(unet, noisy, t, encode(encoders, ids), time_ids)
     return float(((on.float() - off.float()) ** 2).mean())
 
 
