@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,41 +18,62 @@ import torch
 from torch import nn
 
 from blockctl import blocks
+from blockctl.clip_names import submodule
 from blockctl.errors import InvalidInput
 from blockctl.merge import MergePlan
 
 
 @dataclass
 class Modules:
-    """The parts of an SD pipeline that concepts touch."""
+    """The parts of an SD or SDXL pipeline that concepts touch."""
 
     unet: nn.Module
     text_encoder: nn.Module
     tokenizer: object
+    text_encoder_2: nn.Module | None = None  # SDXL's second text encoder and tokenizer
+    tokenizer_2: object = None
+    vae_factor: int = 8  # pixels per latent cell (the image size SDXL's add_time_ids state)
 
     @classmethod
     def load(cls, folder: Path, dtype: torch.dtype = torch.float32) -> Modules:
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        import json
 
+        from diffusers import UNet2DConditionModel
+
+        from blockctl.base_model import BaseFolder
+        from blockctl.conditioning import load_text_part
+        from blockctl.family import family_of_pipeline
         from blockctl.quiet import quiet_libraries
 
         quiet_libraries()
         if not (folder / "model_index.json").is_file():
             raise InvalidInput(f"{folder} is not a diffusers pipeline folder")
+        family = family_of_pipeline(BaseFolder(folder).pipeline_class())
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
-        text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype)
-        tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         unet.eval()
-        text.eval()
-        return cls(unet, text, tok)
+        texts = [load_text_part(folder, part, dtype) for part in family.text]
+        for text, _ in texts:
+            text.eval()
+        (text, tok), *rest = texts
+        text_2, tok_2 = rest[0] if rest else (None, None)
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        return cls(unet, text, tok, text_2, tok_2, vae_factor=factor)
 
     def component(self, name: str) -> nn.Module:
         if name == "unet":
             return self.unet
         if name == "text_encoder":
             return self.text_encoder
+        if name == "text_encoder_2" and self.text_encoder_2 is not None:
+            return self.text_encoder_2
         raise InvalidInput(f"unknown component {name!r}")
+
+    def text_encoders(self) -> list[nn.Module]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 else [])
+
+    def tokenizers(self) -> list[Any]:
+        return [self.tokenizer] + ([self.tokenizer_2] if self.text_encoder_2 else [])
 
 
 @contextmanager
@@ -61,7 +82,13 @@ def applied(plan: MergePlan, modules: Modules) -> Iterator[Modules]:
     the targets' weights and the embedding are exactly restored on exit."""
     deltas = {(t.component, t.module): plan.delta(t) for t in plan.layout.targets}
     with deltas_applied(modules, deltas, plan.token_rows) as mod:
-        yield mod
+        if modules.text_encoder_2 is None:
+            yield mod
+            return
+        # SDXL: the same tokens' rows in the second text encoder, through the same code path
+        second = Modules(mod.unet, modules.text_encoder_2, modules.tokenizer_2)
+        with deltas_applied(second, {}, plan.text_rows.get("text_encoder_2", ())) as added:
+            yield replace(mod, tokenizer_2=added.tokenizer)
 
 
 @contextmanager
@@ -79,7 +106,7 @@ def deltas_applied(
     try:
         with torch.no_grad():
             for (component, module), delta in deltas.items():
-                layer = modules.component(component).get_submodule(module)
+                _, layer = submodule(modules.component(component), module)
                 assert isinstance(layer, nn.Linear)
                 saved.append((layer, layer.weight.data))
                 merged = blocks.apply_delta(layer.weight.data, delta)
@@ -88,7 +115,7 @@ def deltas_applied(
                 tokenizer.add_tokens([tok for tok, _ in token_rows])  # type: ignore[attr-defined]
                 rows = torch.cat([row for _, row in token_rows]).to(old_embedding.dtype)
                 embedding.weight.data = torch.cat([old_embedding, rows])
-        yield Modules(modules.unet, modules.text_encoder, tokenizer)
+        yield replace(modules, tokenizer=tokenizer)
     finally:
         for layer, weight in saved:
             layer.weight.data = weight

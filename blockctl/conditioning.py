@@ -15,10 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from blockctl.family import TextPart
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ def micro_conditioning(
 ) -> tuple[int, int, int, int, int, int]:
     """SDXL's micro-conditioning of one image: original (h, w), crop top-left (top, left),
     target (h, w)."""
-    return (*original, *crop, *target)  # type: ignore[return-value]
+    return (*original, *crop, *target)
 
 
 def default_time_ids(size: int, n: int) -> torch.Tensor:
@@ -103,12 +107,12 @@ def denoise(
     """The UNet's prediction; SDXL's also takes the pooled embedding and ``time_ids``, the
     ``add_time_ids`` (batch, 6)."""
     if cond.pooled is None:
-        return unet(noisy, timesteps, cond.hidden).sample  # type: ignore[no-any-return]
+        return unet(noisy, timesteps, cond.hidden).sample
     if time_ids is None:
         raise ValueError("an SDXL UNet needs add_time_ids")
     added = {"text_embeds": cond.pooled, "time_ids": time_ids.to(cond.pooled.device)}
     out = unet(noisy, timesteps, encoder_hidden_states=cond.hidden, added_cond_kwargs=added)
-    return out.sample  # type: ignore[no-any-return]
+    return out.sample
 
 
 def pool_at_end_token(encoder: nn.Module, tokenizer: Any) -> None:
@@ -125,7 +129,20 @@ def pool_at_end_token(encoder: nn.Module, tokenizer: Any) -> None:
     eos = int(tokenizer.eos_token_id)
     for module in encoder.modules():
         if "eos_token_id" in vars(module):  # CLIPTextModel (5.x) / CLIPTextTransformer (4.x)
-            module.eos_token_id = eos
+            setattr(module, "eos_token_id", eos)  # noqa: B010 - not an nn.Module attribute
     config = getattr(encoder, "config", None)
     if config is not None:
         config.eos_token_id = eos
+
+
+def load_text_part(folder: Path, part: TextPart, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """One text encoder of a pipeline folder and its tokenizer, the encoder pooling at the end
+    token (``pool_at_end_token``)."""
+    import transformers
+
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder / part.tokenizer))
+    encoder = getattr(transformers, part.model_class).from_pretrained(
+        str(folder / part.encoder), dtype=dtype, use_safetensors=True
+    )
+    pool_at_end_token(encoder, tokenizer)
+    return encoder, tokenizer

@@ -27,6 +27,7 @@ from PIL import Image
 from blockctl.apply import Modules, applied
 from blockctl.base_model import resolve_base
 from blockctl.clip_score import Clip, ClipConfig
+from blockctl.conditioning import default_time_ids, denoise, encode, tokenize
 from blockctl.errors import InvalidInput
 from blockctl.layout import layout_of
 from blockctl.merge import plan_merge
@@ -133,22 +134,19 @@ class Probe:
         self.t = torch.randint(config.t_min, config.t_max, (config.samples,), generator=gen)
         self.x_t = self.scheduler.add_noise(latents, noise, self.t)
         self.samples = config.samples
+        self.image_size = size * modules.vae_factor  # what SDXL's add_time_ids state
 
     @torch.no_grad()
     def predict(self, modules: Modules, prompts: Sequence[str]) -> torch.Tensor:
         """Predictions (P, S, C, H, W) of every prompt on every probe latent."""
-        tok = modules.tokenizer
-        ids = tok(  # type: ignore[operator]
-            list(prompts), padding="max_length", truncation=True,
-            max_length=tok.model_max_length, return_tensors="pt",  # type: ignore[attr-defined]
-        ).input_ids  # fmt: skip
-        text = modules.text_encoder(ids)[0]
-        cond = text.repeat_interleave(self.samples, dim=0)
+        ids = tokenize(modules.tokenizers(), prompts)
+        cond = encode(modules.text_encoders(), ids).repeat_interleave(self.samples)
         x_t = self.x_t.repeat(len(prompts), 1, 1, 1)
         t = self.t.repeat(len(prompts))
+        time_ids = default_time_ids(self.image_size, x_t.shape[0])  # used by SDXL only
         outs = [
-            modules.unet(x_t[i : i + PREDICT_CHUNK], t[i : i + PREDICT_CHUNK],
-                         encoder_hidden_states=cond[i : i + PREDICT_CHUNK]).sample
+            denoise(modules.unet, x_t[i : i + PREDICT_CHUNK], t[i : i + PREDICT_CHUNK],
+                    cond.rows(i, i + PREDICT_CHUNK), time_ids[i : i + PREDICT_CHUNK])
             for i in range(0, x_t.shape[0], PREDICT_CHUNK)
         ]  # fmt: skip
         return torch.cat(outs).float().view(len(prompts), self.samples, *self.x_t.shape[1:])
@@ -255,6 +253,8 @@ def renderer(base_dir: Path, config: EvalConfig) -> Render:
     def render(modules: Modules, prompt: str) -> Images:
         parts = {**pipe.components, "unet": modules.unet, "text_encoder": modules.text_encoder,
                  "tokenizer": modules.tokenizer}  # fmt: skip
+        if modules.text_encoder_2 is not None:
+            parts |= {"text_encoder_2": modules.text_encoder_2, "tokenizer_2": modules.tokenizer_2}
         view = type(pipe)(**parts)
         view.set_progress_bar_config(disable=True)
         return generate(

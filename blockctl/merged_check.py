@@ -9,7 +9,7 @@ merge record; the adapters must still be the ones it names (same sha256).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,9 @@ from safetensors import safe_open
 
 from blockctl.adapter import load_adapter, token_key, up_key
 from blockctl.base_model import BaseFolder, resolve_base
-from blockctl.clip_names import canonical_module, prefixed_module
+from blockctl.clip_names import canonical_module
 from blockctl.errors import InvalidInput, ValidationFailed
+from blockctl.family import Family
 from blockctl.layout import (
     TOKEN_EMBEDDING_KEY,
     Layout,
@@ -75,7 +76,10 @@ class _Expected:
         if sha256_file(registry.basis_path()) != layout.basis_sha256:
             raise ValidationFailed("the registry's basis does not match its layout sha256")
         self.adapters = []
-        self.token_rows: list[torch.Tensor] = []
+        # per text encoder: (token, expected row) in merge order
+        self.token_rows: dict[str, list[tuple[str, torch.Tensor]]] = {
+            e: [] for e in layout.token_dims
+        }
         for item in record["concepts"]:
             path = registry.adapter_file(item["concept"])
             if sha256_file(path) != item["sha256"]:
@@ -85,7 +89,9 @@ class _Expected:
             adapter = load_adapter(path)
             factor = layout.scale * float(item["scale"])
             self.adapters.append((int(item["slot"]), factor, adapter))
-            self.token_rows += [adapter.tensors[token_key(t)].double() for t in item["tokens"]]
+            for encoder, rows in self.token_rows.items():
+                for t in item["tokens"]:
+                    rows.append((t, adapter.tensors[token_key(t, encoder)].double()))
         self.targets = {(t.component, f"{t.module}.weight"): t for t in layout.targets}
 
     def delta(self, component: str, key: str) -> torch.Tensor | None:
@@ -122,7 +128,7 @@ def check_merged(registry: Registry, path: Path, tolerance: float | None = None)
         return MergedReport(str(path), output, concepts, tolerance or 0.0, {}, tuple(problems))
     expected = _Expected(registry, layout, record)
     base = BaseFolder(resolve_base(layout.base))
-    pairs = _pairs(path, output, base)
+    pairs = _pairs(path, output, base, layout.model_family)
     errors: dict[str, float] = {}
     worst: dict[str, str] = {}
     checked = 0
@@ -143,15 +149,16 @@ def check_merged(registry: Registry, path: Path, tolerance: float | None = None)
             delta = expected.delta(component, key)
             if delta is not None:
                 want = want + delta
-            is_tokens = component == "text_encoder" and canonical_module(key) == TOKEN_EMBEDDING_KEY
-            if is_tokens and output == "diffusers" and expected.token_rows:
-                want = torch.cat([want, *expected.token_rows], dim=0)
+            rows = expected.token_rows.get(component)
+            is_tokens = canonical_module(key) == TOKEN_EMBEDDING_KEY
+            if is_tokens and output == "diffusers" and rows:
+                want = torch.cat([want, *(row for _, row in rows)], dim=0)
         err = _rel_error(merged, want)
         checked += 1
         if err >= errors.get(component, -1.0):
             errors[component], worst[component] = err, key
     if output in ("single-file", "lora"):
-        token_err = _sidecar_error(path, record, expected)
+        token_err = _sidecar_error(path, expected, layout.model_family)
         if token_err is None:
             problems.append("the concept-token sidecar (.tokens.safetensors) is missing")
         else:
@@ -169,68 +176,68 @@ def check_merged(registry: Registry, path: Path, tolerance: float | None = None)
     )
 
 
-# (component, base key, merged tensor, base tensor, dtype the output stores it in)
-def _sidecar_error(path: Path, record: dict[str, Any], expected: _Expected) -> float | None:
-    from blockctl.merge.single_file import sidecar_path
+def _sidecar_error(path: Path, expected: _Expected, family: Family) -> float | None:
+    from blockctl.merge.single_file import sidecar_key, sidecar_path
 
     sidecar = sidecar_path(path)
     if not sidecar.is_file():
         return None
-    tokens = [t for item in record["concepts"] for t in item["tokens"]]
+    want = {
+        sidecar_key(family, encoder, tok): row
+        for encoder, rows in expected.token_rows.items()
+        for tok, row in rows
+    }
     with safe_open(str(sidecar), framework="pt") as handle:
-        if sorted(handle.keys()) != sorted(tokens):
+        if sorted(handle.keys()) != sorted(want):
             return float("inf")
-        return max(
-            (
-                _rel_error(handle.get_tensor(t), row)
-                for t, row in zip(tokens, expected.token_rows, strict=True)
-            ),
-            default=0.0,
-        )
+        return max((_rel_error(handle.get_tensor(k), row) for k, row in want.items()), default=0.0)
 
 
+# (component, base key, merged tensor, base tensor, dtype the output stores it in)
 Pair = tuple[str, str, torch.Tensor, torch.Tensor, torch.dtype]
 
 
-def _pairs(path: Path, output: str, base: BaseFolder) -> Iterator[Pair]:
+def _pairs(path: Path, output: str, base: BaseFolder, family: Family) -> Iterator[Pair]:
     """One ``Pair`` at a time."""
     if output == "diffusers":
         merged = BaseFolder(path)
-        for component in ("unet", "text_encoder", "vae"):
+        for component in ("unet", *family.text_encoders, "vae"):
             for key in sorted(base.tensors(component)):
                 got = merged.read(component, key)
                 yield component, key, got, base.read(component, key), got.dtype
     elif output == "single-file":
-        yield from _single_file_pairs(path, base)
+        yield from _single_file_pairs(path, base, family)
     elif output == "lora":
-        yield from _lora_pairs(path, base)
+        yield from _lora_pairs(path, base, family)
     else:
         raise InvalidInput(f"{path}: unknown merged output kind {output!r}")
 
 
-def _single_file_pairs(path: Path, base: BaseFolder) -> Iterator[Pair]:
-    from blockctl.merge.single_file import key_mapper
+def _single_file_pairs(path: Path, base: BaseFolder, family: Family) -> Iterator[Pair]:
+    from blockctl.merge.single_file import components, placer
 
     with safe_open(str(path), framework="pt") as handle:
         stored = set(handle.keys())
-        for component in ("unet", "text_encoder", "vae"):
-            mapper: Callable[[str], str] = key_mapper(base, component)
+        for component in components(family):
+            place = placer(base, family, component)
             for key in sorted(base.tensors(component)):
-                ldm = mapper(key)
-                if ldm not in stored:
-                    raise ValidationFailed(f"{path.name} lacks {ldm}")
+                where = place(key)
+                if where is None:  # a buffer the layout does not store
+                    continue
+                if where.key not in stored:
+                    raise ValidationFailed(f"{path.name} lacks {where.key}")
                 original = base.read(component, key)
-                got = handle.get_tensor(ldm)
-                yield component, key, got.reshape(original.shape), original, got.dtype
+                got = handle.get_tensor(where.key)
+                yield component, key, where.extract(got, original.shape), original, got.dtype
 
 
-def _lora_pairs(path: Path, base: BaseFolder) -> Iterator[Pair]:
+def _lora_pairs(path: Path, base: BaseFolder, family: Family) -> Iterator[Pair]:
     with safe_open(str(path), framework="pt") as handle:
         keys = set(handle.keys())
         modules = sorted(k[: -len(".lora_A.weight")] for k in keys if k.endswith(".lora_A.weight"))
         pairs = [(m, f"{m}.lora_A.weight", f"{m}.lora_B.weight") for m in modules]
         if not pairs:  # kohya keys: the module name is not recoverable, so match targets
-            pairs = _kohya_pairs(keys, base)
+            pairs = _kohya_pairs(keys, base, family)
         for name, a_key, b_key in pairs:
             component, module = name.split(".", 1)
             up, down = handle.get_tensor(b_key), handle.get_tensor(a_key)
@@ -238,23 +245,27 @@ def _lora_pairs(path: Path, base: BaseFolder) -> Iterator[Pair]:
             yield component, f"{module}.weight", product, torch.empty(0), up.dtype
 
 
-def _kohya_pairs(keys: set[str], base: BaseFolder) -> list[tuple[str, str, str]]:
+def _kohya_pairs(keys: set[str], base: BaseFolder, family: Family) -> list[tuple[str, str, str]]:
+    """The kohya names back to modules, through a table of every Linear-shaped weight of the
+    base named the way the writer names them (and, for the text encoders, as earlier blockctl
+    versions did: without ``text_model``)."""
+    from blockctl.merge.lora import kohya_namer
+
+    namer = kohya_namer(base, family)
+    table: dict[str, tuple[str, str]] = {}
+    for component in ("unet", *family.text_encoders):
+        for key, info in base.tensors(component).items():
+            if not key.endswith(".weight") or len(info.shape) != 2:
+                continue
+            module = canonical_module(key.removesuffix(".weight"))
+            table[namer(component, module)] = (component, module)
+            if component != "unet":
+                bare = family.part(component).kohya_prefix + module.replace(".", "_")
+                table.setdefault(bare, (component, module))
     out = []
-    for prefix, component in (("lora_unet_", "unet"), ("lora_te_", "text_encoder")):
-        names = {k.split(".", 1)[0] for k in keys if k.startswith(prefix)}
-        for name in sorted(names):
-            module = _kohya_module(name[len(prefix) :], base, component)
-            out.append(
-                (f"{component}.{module}", f"{name}.lora_down.weight", f"{name}.lora_up.weight")
-            )
+    for name in sorted({k.split(".", 1)[0] for k in keys}):
+        if name not in table:
+            raise ValidationFailed(f"kohya module {name!r} matches no layer of the base")
+        component, module = table[name]
+        out.append((f"{component}.{module}", f"{name}.lora_down.weight", f"{name}.lora_up.weight"))
     return out
-
-
-def _kohya_module(flat: str, base: BaseFolder, component: str) -> str:
-    for key in base.tensors(component):
-        module = canonical_module(key.removesuffix(".weight"))
-        # Text encoder names come with ``text_model.`` (what clients expect) or, from
-        # earlier blockctl versions, without it.
-        if flat in (module.replace(".", "_"), prefixed_module(module).replace(".", "_")):
-            return module
-    raise ValidationFailed(f"kohya module {flat!r} matches no layer of the base")

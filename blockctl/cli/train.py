@@ -149,6 +149,19 @@ def train(
             show_default=_default("mixed_precision"),
         ),
     ] = None,
+    resolution: int = typer.Option(
+        None,
+        "--resolution",
+        help="Side of the training square in pixels (photos: shorter side resized to it, aspect "
+        "kept, centre-cropped).",
+        show_default="the base's own: 1024 SDXL, 512 SD 1.x, 768 SD 2.x-v, 64 toy",
+    ),
+    gradient_checkpointing: bool = typer.Option(
+        None,
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute activations in the backward pass: less memory, slower steps.",
+        show_default="off",
+    ),
     out: Path = typer.Option(
         None, "--out", "-o", help="Run folder.", show_default="./blockctl-runs/CONCEPT"
     ),
@@ -197,6 +210,8 @@ def train(
         seed=seed,
         checkpoint_every=checkpoint_every,
         mixed_precision=mixed_precision,
+        resolution=resolution,
+        gradient_checkpointing=gradient_checkpointing,
     )
     overrides = {k: v for k, v in given.items() if v is not None}
     out_dir = out if out is not None else DEFAULT_RUNS / concept

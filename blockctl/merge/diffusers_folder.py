@@ -2,8 +2,9 @@
 
 Every safetensors file of a changed component is streamed tensor by tensor; everything else
 (vae, scheduler, configs, …) is copied byte for byte unless ``--dtype`` recasts it. Concept
-tokens are appended to the tokenizer and their rows to the text encoder's token embedding.
-Pickled weights are never copied: blockctl only ever writes safetensors.
+tokens are appended to each tokenizer and their rows to its text encoder's token embedding (on
+SDXL both: ``tokenizer``/``text_encoder`` and ``tokenizer_2``/``text_encoder_2``). Pickled
+weights are never copied: blockctl only ever writes safetensors.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ WRITER = DiffusersFolder()
 def write_folder(plan: MergePlan, src: Path, dst: Path, dtype: torch.dtype | None) -> None:
     dst.mkdir()
     paused = False
+    parts = plan.layout.model_family.text
+    encoders = {p.encoder for p in parts}
+    tokenizers = {p.tokenizer: p.encoder for p in parts if plan.text_rows.get(p.encoder)}
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
         target = dst / rel
@@ -59,14 +63,14 @@ def write_folder(plan: MergePlan, src: Path, dst: Path, dtype: torch.dtype | Non
             if not paused:
                 pause_mid_write()
                 paused = True
-        elif rel == Path("text_encoder", "config.json"):
-            _write_text_config(plan, path, target, dtype)
-        elif component == "tokenizer" and plan.token_rows:
+        elif component in encoders and rel.parts[1:] == ("config.json",):
+            _write_text_config(plan, component, path, target, dtype)
+        elif component in tokenizers:
             continue  # written below, from the tokenizer itself
         else:
             shutil.copyfile(path, target)
-    if plan.token_rows:
-        _write_tokenizer(plan, src / "tokenizer", dst / "tokenizer")
+    for tokenizer, encoder in tokenizers.items():
+        _write_tokenizer(plan, encoder, src / tokenizer, dst / tokenizer)
     record = plan.record("diffusers", dtype)
     (dst / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
@@ -97,11 +101,19 @@ def _write_weights(
                     writer.write(key, tensor)
 
 
-def _write_text_config(plan: MergePlan, src: Path, dst: Path, dtype: torch.dtype | None) -> None:
+def _write_text_config(
+    plan: MergePlan, encoder: str, src: Path, dst: Path, dtype: torch.dtype | None
+) -> None:
     config = json.loads(src.read_text())
-    if plan.token_rows:
-        rows = plan.base.info("text_encoder", TOKEN_EMBEDDING_KEY).shape[0]
-        config["vocab_size"] = rows + len(plan.token_rows)
+    added = plan.text_rows.get(encoder, ())
+    if added:
+        rows = plan.base.info(encoder, TOKEN_EMBEDDING_KEY).shape[0]
+        config["vocab_size"] = rows + len(added)
+        # Pool at the real end token, not at the argmax of the ids (an added token): see
+        # conditioning.pool_at_end_token. Only where a concept token makes it matter.
+        end = _end_token_id(plan.base.root / plan.layout.model_family.part(encoder).tokenizer)
+        if end is not None:
+            config["eos_token_id"] = end
     if dtype is not None:
         for key in ("dtype", "torch_dtype"):
             if key in config:
@@ -109,9 +121,33 @@ def _write_text_config(plan: MergePlan, src: Path, dst: Path, dtype: torch.dtype
     dst.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _write_tokenizer(plan: MergePlan, src: Path, dst: Path) -> None:
-    rows = plan.base.info("text_encoder", TOKEN_EMBEDDING_KEY).shape[0]
-    tokens = [tok for tok, _ in plan.token_rows]
+def _end_token_id(tokenizer_dir: Path) -> int | None:
+    """The id of CLIP's end token in a tokenizer folder, read from its vocabulary files."""
+    end = "<|endoftext|>"
+    config = tokenizer_dir / "tokenizer_config.json"
+    if config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token", end)
+        end = eos.get("content", end) if isinstance(eos, dict) else str(eos)
+    vocab_json = tokenizer_dir / "vocab.json"
+    if vocab_json.is_file():
+        vocab = json.loads(vocab_json.read_text(encoding="utf-8"))
+        if end in vocab:
+            return int(vocab[end])
+    tokenizer_json = tokenizer_dir / "tokenizer.json"
+    if tokenizer_json.is_file():
+        data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+        for added in data.get("added_tokens", []):
+            if added.get("content") == end:
+                return int(added["id"])
+        vocab = (data.get("model") or {}).get("vocab") or {}
+        if end in vocab:
+            return int(vocab[end])
+    return None
+
+
+def _write_tokenizer(plan: MergePlan, encoder: str, src: Path, dst: Path) -> None:
+    rows = plan.base.info(encoder, TOKEN_EMBEDDING_KEY).shape[0]
+    tokens = [tok for tok, _ in plan.text_rows[encoder]]
     dst.mkdir(parents=True, exist_ok=True)
     if (src / "tokenizer.json").is_file():
         # The tokenizers library edits tokenizer.json directly: what add_tokens does inside

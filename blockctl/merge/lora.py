@@ -6,7 +6,9 @@ Per target: ``lora_A = [A_s; …]`` (stacked slot down-projections) and
 (scaling 1). Keys are kohya style by default (``lora_unet_<module_>.lora_down.weight`` +
 ``.alpha``: what diffusers, ComfyUI and AUTOMATIC1111 all read) or peft style on request
 (``unet.<module>.lora_A.weight``, diffusers' own). Text encoder modules are named under
-``text_model.``, as those clients expect. diffusers refuses LoRA files holding any key without
+``text_model.``, as those clients expect; on SDXL the kohya prefixes are ``lora_te1_`` and
+``lora_te2_`` and the UNet goes by its original (sgm) module names, as kohya's sd-scripts write
+SDXL LoRAs (``kohya_namer``). diffusers refuses LoRA files holding any key without
 "lora" in it, so the concept tokens go to a sidecar textual-inversion file
 (``<stem>.tokens.safetensors``).
 """
@@ -14,6 +16,7 @@ Per target: ``lora_A = [A_s; …]`` (stacked slot down-projections) and
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,22 +24,24 @@ import torch
 
 from blockctl.clip_names import prefixed_module
 from blockctl.merge.plan import parse_dtype
-from blockctl.merge.single_file import sidecar_path, write_token_sidecar
+from blockctl.merge.single_file import sidecar_path, unet_key, write_token_sidecar
 from blockctl.merge.writers import pause_mid_write
 from blockctl.safetensors_io import CODE_DTYPES, Entry, StreamWriter
 
 if TYPE_CHECKING:
+    from blockctl.base_model import BaseFolder
+    from blockctl.family import Family
     from blockctl.layout import Target
     from blockctl.merge import MergeOptions, MergePlan
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # what diffusers reads the LoraConfig from
-_KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+UNET_KOHYA_PREFIX = "lora_unet_"
 
 
 def client_module(target: Target) -> str:
     """The module name LoRA clients look for: text encoder layers under ``text_model.``
     (transformers 4 naming, which kohya, ComfyUI, AUTOMATIC1111 and diffusers all accept)."""
-    if target.component == "text_encoder":
+    if target.component.startswith("text_encoder"):
         return prefixed_module(target.module)
     return target.module
 
@@ -46,8 +51,26 @@ def peft_keys(target: Target) -> tuple[str, str]:
     return f"{name}.lora_A.weight", f"{name}.lora_B.weight"
 
 
-def kohya_name(target: Target) -> str:
-    return _KOHYA_PREFIX[target.component] + client_module(target).replace(".", "_")
+def kohya_namer(base: BaseFolder, family: Family) -> Callable[[str, str], str]:
+    """``(component, module)`` → its kohya LoRA name, as kohya's sd-scripts write them:
+    ``lora_te_*`` (SD) or ``lora_te1_*``/``lora_te2_*`` (SDXL) + the text model's module path;
+    ``lora_unet_*`` + the diffusers UNet path on SD, but the original (sgm) UNet path on SDXL
+    (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k``), since sd-scripts trains
+    SDXL on the original UNet. diffusers, ComfyUI and AUTOMATIC1111 read both UNet spellings."""
+    config = None
+    if family.dual_text:
+        config = json.loads((base.component_dir("unet") / "config.json").read_text())
+
+    def name(component: str, module: str) -> str:
+        if component == "unet":
+            path = module
+            if config is not None:
+                path = unet_key(f"{module}.weight", config).removesuffix(".weight")
+            return UNET_KOHYA_PREFIX + path.replace(".", "_")
+        flat = prefixed_module(module).replace(".", "_")
+        return family.part(component).kohya_prefix + flat
+
+    return name
 
 
 class LoraFile:
@@ -86,6 +109,11 @@ def adapter_metadata(plan: MergePlan) -> dict[str, object]:
 def write_lora(plan: MergePlan, out: Path, dtype: torch.dtype | None, keys: str) -> None:
     targets = sorted(plan.layout.targets, key=lambda t: t.name)
     rank = _rank(plan)
+    namer = kohya_namer(plan.base, plan.layout.model_family)
+
+    def kohya_name(t: Target) -> str:
+        return namer(t.component, t.module)
+
     entries: list[Entry] = []
     for t in targets:
         stored = plan.base.info(t.component, f"{t.module}.weight").dtype

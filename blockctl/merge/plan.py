@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from blockctl import blocks
-from blockctl.adapter import load_adapter, token_key
+from blockctl.adapter import TEXT_ENCODER, load_adapter, token_key
 from blockctl.base_model import BaseFolder, resolve_base
 from blockctl.clip_names import canonical_module
 from blockctl.errors import InvalidInput, SlotConflict, ValidationFailed
@@ -112,6 +112,9 @@ class Selected:
         }
 
 
+TokenRows = tuple[tuple[str, torch.Tensor], ...]  # (token, 1×dim float32) by slot
+
+
 @dataclass(frozen=True)
 class MergePlan:
     layout: Layout
@@ -119,7 +122,17 @@ class MergePlan:
     selected: tuple[Selected, ...]  # by slot, so the subset's order never changes the bytes
     ups: Mapping[str, Mapping[int, torch.Tensor]]  # target name -> slot -> B_s
     bases: Mapping[int, torch.Tensor]  # width -> O_d
-    token_rows: tuple[tuple[str, torch.Tensor], ...]  # (token, 1×dim float32) by slot
+    # Per text encoder (diffusers component: one on SD, two on SDXL), the concept tokens' rows.
+    text_rows: Mapping[str, TokenRows]
+
+    @property
+    def token_rows(self) -> TokenRows:
+        """The first text encoder's rows (the only ones on SD)."""
+        return self.text_rows.get(TEXT_ENCODER, ())
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return tuple(tok for tok, _ in self.token_rows)
 
     def only(self, concept: str) -> MergePlan:
         """The same plan restricted to one of its concepts, without re-reading anything."""
@@ -131,7 +144,10 @@ class MergePlan:
             self,
             selected=keep,
             ups={t: {sel.slot: by_slot[sel.slot]} for t, by_slot in self.ups.items()},
-            token_rows=tuple((tok, row) for tok, row in self.token_rows if tok in sel.tokens),
+            text_rows={
+                encoder: tuple((tok, row) for tok, row in rows if tok in sel.tokens)
+                for encoder, rows in self.text_rows.items()
+            },
         )
 
     @property
@@ -143,9 +159,10 @@ class MergePlan:
         return {f"{t.module}.weight": t for t in self.layout.targets if t.component == component}
 
     def token_rows_for(self, component: str, key: str) -> int:
-        """How many concept-token rows are appended to this tensor (0 for all but one)."""
-        if component == "text_encoder" and canonical_module(key) == TOKEN_EMBEDDING_KEY:
-            return len(self.token_rows)
+        """How many concept-token rows are appended to this tensor (0 for all but the token
+        embeddings of the text encoders)."""
+        if canonical_module(key) == TOKEN_EMBEDDING_KEY:
+            return len(self.text_rows.get(component, ()))
         return 0
 
     def delta(self, target: Target) -> torch.Tensor:
@@ -209,7 +226,7 @@ class MergePlan:
         if target is not None:
             return blocks.apply_delta(tensor, self.delta(target)).to(out_dtype)
         if tokens and self.token_rows_for(component, key):
-            rows = [row.to(torch.float32) for _, row in self.token_rows]
+            rows = [row.to(torch.float32) for _, row in self.text_rows[component]]
             return torch.cat([tensor.to(torch.float32), *rows], dim=0).to(out_dtype)
         return tensor.to(out_dtype)
 
@@ -225,8 +242,7 @@ class MergePlan:
 
     def changes(self, component: str) -> bool:
         """Whether any tensor of the component differs from the base (dtype aside)."""
-        has_rows = component == "text_encoder" and bool(self.token_rows)
-        return bool(self.targets(component)) or has_rows
+        return bool(self.targets(component)) or bool(self.text_rows.get(component))
 
 
 def _cast_dtype(current: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
@@ -286,11 +302,14 @@ def plan_merge(
         t.name: {s.slot: adapters[s.concept].up(t.name).to(torch.float32) for s in selected}
         for t in layout.targets
     }
-    rows = tuple(
-        (tok, adapters[s.concept].tensors[token_key(tok)].to(torch.float32))
-        for s in selected
-        for tok in s.tokens
-    )
+    text_rows = {
+        encoder: tuple(
+            (tok, adapters[s.concept].tensors[token_key(tok, encoder)].to(torch.float32))
+            for s in selected
+            for tok in s.tokens
+        )
+        for encoder in layout.token_dims
+    }
     base = BaseFolder(resolve_base(layout.base))
     # Cheap (the targets only) and it stops a merge onto a base edited since the registry
     # was made, which would silently produce weights nobody trained for.
@@ -305,5 +324,5 @@ def plan_merge(
         selected=tuple(selected),
         ups=ups,
         bases=load_basis(registry.basis_path(), layout),
-        token_rows=rows,
+        text_rows=text_rows,
     )

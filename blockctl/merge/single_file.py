@@ -1,11 +1,19 @@
-"""Merge into one file in the original Stable Diffusion 1.x checkpoint layout (what A1111,
-ComfyUI and diffusers' ``from_single_file`` read): ``model.diffusion_model.*`` (UNet),
-``first_stage_model.*`` (VAE), ``cond_stage_model.transformer.*`` (CLIP text encoder).
+"""Merge into one file in the original Stable Diffusion checkpoint layout (what A1111, ComfyUI
+and diffusers' ``from_single_file`` read), streamed tensor by tensor.
+
+SD 1.x/2.x: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE),
+``cond_stage_model.transformer.*`` (CLIP text encoder). SDXL (Stability's ``sgm`` layout): the same
+UNet and VAE keys (plus ``label_emb.0.*``, SDXL's pooled-text and size embedding),
+``conditioner.embedders.0.transformer.*`` for CLIP ViT-L and ``conditioner.embedders.1.model.*``
+for OpenCLIP bigG in OpenCLIP's own naming: ``transformer.resblocks.N``, the q/k/v projections
+fused into one ``attn.in_proj_weight``/``in_proj_bias``, and ``text_projection`` stored
+transposed (OpenCLIP multiplies ``x @ text_projection``).
 
 The key mapping is ours, derived from the UNet/VAE configs, so it covers any block count
-(the toy bases have fewer blocks than SD 1.5). The text encoder keeps the base's vocabulary:
-those tools build their tokenizer from the stock CLIP vocabulary, so the concept tokens go to a
-sidecar textual-inversion file (``<stem>.tokens.safetensors``) instead.
+(the toy bases have fewer blocks than SD 1.5). The text encoders keep the base's vocabulary:
+those tools build their tokenizers from the stock CLIP vocabulary and load the embedding
+matrices at their stock size, so the concept tokens go to a sidecar textual-inversion file
+(``<stem>.tokens.safetensors``) instead.
 """
 
 from __future__ import annotations
@@ -14,13 +22,15 @@ import contextlib
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from blockctl.clip_names import prefixed_module
+from blockctl.clip_names import canonical_module, prefixed_module
 from blockctl.errors import InvalidInput
+from blockctl.family import Family
 from blockctl.merge.plan import parse_dtype
 from blockctl.merge.writers import computed_ahead, pause_mid_write
 from blockctl.safetensors_io import (
@@ -38,15 +48,37 @@ if TYPE_CHECKING:
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."  # then text_model.*, as transformers 4 names it
-COMPONENTS = ("unet", "vae", "text_encoder")
+# SDXL's text encoders (sgm's conditioner): a transformers CLIP model, then an OpenCLIP one.
+SDXL_TEXT_PREFIXES = {
+    "text_encoder": "conditioner.embedders.0.transformer.",
+    "text_encoder_2": "conditioner.embedders.1.model.",
+}
 
 _UNET_FIXED = {
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL: pooled text + add_time_ids
+    "add_embedding.linear_2": "label_emb.0.2",
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
 }
+# OpenCLIP's names for the parts of a transformers CLIP text model (canonical spelling).
+_OPEN_CLIP_FIXED = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+_QKV = ("q_proj", "k_proj", "v_proj")  # their order inside OpenCLIP's fused in_proj
+_CLIP_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 # Inside a resnet, diffusers' names → the original ResBlock's Sequential indices.
 _RESNET = {
     "norm1": "in_layers.0",
@@ -131,14 +163,69 @@ def is_vae_attention_weight(ldm_key: str, shape: tuple[int, ...]) -> bool:
     )
 
 
-def key_mapper(base: BaseFolder, component: str) -> Callable[[str], str]:
-    """diffusers key → full original-layout key, for one component of ``base``."""
-    if component == "text_encoder":
-        return lambda key: TEXT_PREFIX + prefixed_module(key)
+@dataclass(frozen=True)
+class Placement:
+    """Where one diffusers tensor lives in the single file."""
+
+    key: str  # the full original-layout key
+    part: int | None = None  # which third (q, k, v) of a fused in_proj tensor it is
+    transpose: bool = False  # stored transposed (OpenCLIP's text_projection)
+
+    def extract(self, stored: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The diffusers tensor back from the stored one."""
+        t = stored if self.part is None else stored.chunk(len(_QKV), dim=0)[self.part]
+        return (t.T if self.transpose else t).reshape(shape)
+
+
+def open_clip_placement(key: str) -> Placement | None:
+    """A transformers CLIP text model tensor's OpenCLIP key (without the prefix); None for
+    buffers OpenCLIP does not store (``position_ids``)."""
+    name = canonical_module(key)
+    if name == "text_projection.weight":
+        return Placement("text_projection", transpose=True)
+    if name in _OPEN_CLIP_FIXED:
+        return Placement(_OPEN_CLIP_FIXED[name])
+    if name == "embeddings.position_ids":
+        return None
+    if m := _CLIP_LAYER.match(name):
+        layer, module, param = m[1], m[2], m[3]
+        where = f"transformer.resblocks.{layer}"
+        if module.startswith("self_attn.") and module.split(".")[-1] in _QKV:
+            return Placement(
+                f"{where}.attn.in_proj_{param}", part=_QKV.index(module.split(".")[-1])
+            )
+        if module in _OPEN_CLIP_LAYER:
+            return Placement(f"{where}.{_OPEN_CLIP_LAYER[module]}.{param}")
+    raise InvalidInput(f"cannot place text encoder tensor {key!r} in OpenCLIP's layout")
+
+
+def placer(base: BaseFolder, family: Family, component: str) -> Callable[[str], Placement | None]:
+    """diffusers key → its placement in the family's single-file layout, for one component of
+    ``base`` (None: a buffer the layout does not store)."""
+    if component in family.text_encoders:
+        if not family.dual_text:
+            return lambda key: Placement(TEXT_PREFIX + prefixed_module(key))
+        prefix = SDXL_TEXT_PREFIXES[component]
+        if component == "text_encoder":
+            return lambda key: Placement(prefix + prefixed_module(key))
+
+        def open_clip(key: str) -> Placement | None:
+            found = open_clip_placement(key)
+            return None if found is None else Placement(prefix + found.key, found.part,
+                                                        found.transpose)  # fmt: skip
+
+        return open_clip
     config = json.loads((base.component_dir(component) / "config.json").read_text())
     if component == "unet":
-        return lambda key: UNET_PREFIX + unet_key(key, config)
-    return lambda key: VAE_PREFIX + vae_key(key, config)
+        return lambda key: Placement(UNET_PREFIX + unet_key(key, config))
+    if component == "vae":
+        return lambda key: Placement(VAE_PREFIX + vae_key(key, config))
+    raise InvalidInput(f"{component!r} has no place in a single-file checkpoint")
+
+
+def components(family: Family) -> tuple[str, ...]:
+    """What a single file holds, in the order they are listed."""
+    return ("unet", "vae", *family.text_encoders)
 
 
 class SingleFile:
@@ -157,57 +244,117 @@ class SingleFile:
 WRITER = SingleFile()
 
 
+@dataclass(frozen=True)
+class _Source:
+    component: str
+    file: Path
+    entry: Entry  # as the base stores it
+
+
 def write_single_file(plan: MergePlan, out: Path, dtype: torch.dtype | None) -> None:
-    # (original-layout key, component, source file, source entry, out entry)
-    rows: list[tuple[str, str, Path, Entry, Entry]] = []
-    for component in COMPONENTS:
-        mapper = key_mapper(plan.base, component)
+    family = plan.layout.model_family
+    # original-layout key -> its source tensors (three for a fused in_proj, in q, k, v order)
+    sources: dict[str, list[tuple[int, _Source]]] = {}
+    shapes: dict[str, Placement] = {}
+    for component in components(family):
+        place = placer(plan.base, family, component)
         for file in plan.base.weight_files(component):
             for entry in read_entries(file):
-                ldm = mapper(entry.key)
-                e = plan.out_entry(component, entry, dtype, tokens=False)
-                if component == "vae" and is_vae_attention_weight(ldm, e.shape):
-                    e = Entry(e.key, e.dtype, (*e.shape, 1, 1))
-                rows.append((ldm, component, file, entry, Entry(ldm, e.dtype, e.shape)))
-    rows.sort(key=lambda r: r[0])
-    if len({r[0] for r in rows}) != len(rows):
-        raise InvalidInput("two base tensors map to the same original-layout key")
+                where = place(entry.key)
+                if where is None:
+                    continue
+                parts = sources.setdefault(where.key, [])
+                if any(p == (where.part or 0) for p, _ in parts):
+                    raise InvalidInput("two base tensors map to the same original-layout key")
+                parts.append((where.part or 0, _Source(component, file, entry)))
+                shapes[where.key] = where
+    entries = []
+    for key in sorted(sources):
+        sources[key].sort(key=lambda item: item[0])
+        entries.append(_out_entry(plan, key, shapes[key], [s for _, s in sources[key]], dtype))
     with contextlib.ExitStack() as stack:
         # Readers first: the writer, closed before them, may still be copying from them.
-        readers = {
-            f: stack.enter_context(TensorReader(f)) for f in dict.fromkeys(r[2] for r in rows)
-        }
+        files = dict.fromkeys(s.file for parts in sources.values() for _, s in parts)
+        readers = {f: stack.enter_context(TensorReader(f)) for f in files}
         writer = stack.enter_context(
-            StreamWriter(out, [r[4] for r in rows], plan.metadata("single-file", dtype))
+            StreamWriter(out, entries, plan.metadata("single-file", dtype))
         )
-        todo = {r[0]: r for r in rows if not plan.passthrough(r[1], r[3], dtype, tokens=False)}
+        by_key = {e.key: e for e in entries}
 
-        def compute(ldm: str) -> torch.Tensor:
-            _, component, file, src, entry = todo[ldm]
-            got = plan.produce(component, src.key, readers[file].get(src.key), dtype, tokens=False)
-            return got.reshape(entry.shape)
+        def copied(key: str) -> bool:  # the base's bytes as they are (maybe a new shape)
+            parts = sources[key]
+            if len(parts) != 1 or shapes[key].transpose:
+                return False
+            src = parts[0][1]
+            return plan.passthrough(src.component, src.entry, dtype, tokens=False)
 
-        ahead = stack.enter_context(contextlib.closing(computed_ahead(list(todo), compute)))
-        for i, (ldm, _component, file, src, _entry) in enumerate(rows):
-            if ldm not in todo:
-                writer.copy(ldm, readers[file], src.key)  # same bytes, maybe a new shape
-            else:
+        def compute(key: str) -> torch.Tensor:
+            parts = [
+                plan.produce(s.component, s.entry.key, readers[s.file].get(s.entry.key), dtype,
+                             tokens=False)
+                for _, s in sources[key]
+            ]  # fmt: skip
+            if shapes[key].part is not None:
+                return torch.cat(parts, dim=0)
+            (tensor,) = parts
+            if shapes[key].transpose:
+                return tensor.T.contiguous()
+            return tensor.reshape(by_key[key].shape)
+
+        todo = [e.key for e in entries if not copied(e.key)]
+        ahead = stack.enter_context(contextlib.closing(computed_ahead(todo, compute)))
+        for i, e in enumerate(entries):
+            if e.key in todo:
                 done, tensor = next(ahead)
-                assert done == ldm
-                writer.write(ldm, tensor)
+                assert done == e.key
+                writer.write(e.key, tensor)
+            else:
+                ((_, src),) = sources[e.key]
+                writer.copy(e.key, readers[src.file], src.entry.key)
             if i == 0:
                 pause_mid_write()
 
 
+def _out_entry(
+    plan: MergePlan, key: str, where: Placement, parts: list[_Source], dtype: torch.dtype | None
+) -> Entry:
+    """The single file's entry for ``key``: the sources' dtype after the merge, their shape
+    fused, transposed or (VAE attention) as the 1×1 convolution the original stores."""
+    first = plan.out_entry(parts[0].component, parts[0].entry, dtype, tokens=False)
+    shape = first.shape
+    if where.part is not None:
+        if len(parts) != len(_QKV):
+            raise InvalidInput(f"{key}: the base lacks one of its q/k/v projections")
+        shape = (shape[0] * len(_QKV), *shape[1:])
+    elif where.transpose:
+        shape = tuple(reversed(shape))
+    elif parts[0].component == "vae" and is_vae_attention_weight(key, shape):
+        shape = (*shape, 1, 1)
+    return Entry(key, first.dtype, shape)
+
+
+def sidecar_key(family: Family, encoder: str, token: str) -> str:
+    """A token row's key in the sidecar: the token (SD), or ``clip_l.<token>`` and
+    ``clip_g.<token>`` (SDXL: the names SDXL embedding files give the two encoders' rows)."""
+    name = family.part(encoder).embedding_name
+    return token if name is None else f"{name}.{token}"
+
+
 def write_token_sidecar(plan: MergePlan, out: Path, dtype: torch.dtype | None, fmt: str) -> None:
-    """One (1×dim) row per concept token, keyed by the token: load it with
-    ``pipe.load_textual_inversion([{tok: row} for tok, row in rows.items()])``."""
+    """One (1×dim) row per concept token and text encoder (``sidecar_key``). SD: load it with
+    ``pipe.load_textual_inversion([{tok: row} for tok, row in rows.items()])``; SDXL: each
+    ``clip_l.<tok>`` row into ``text_encoder``/``tokenizer`` and ``clip_g.<tok>`` into
+    ``text_encoder_2``/``tokenizer_2`` (docs/sdxl.md)."""
     from blockctl.layout import TOKEN_EMBEDDING_KEY
 
-    base_dtype = plan.base.info("text_encoder", TOKEN_EMBEDDING_KEY).dtype
-    stored = dtype or CODE_DTYPES.get(base_dtype, torch.float32)
-    rows = {tok: row.to(stored) for tok, row in plan.token_rows}
-    entries = [Entry(tok, t.dtype, tuple(t.shape)) for tok, t in sorted(rows.items())]
+    family = plan.layout.model_family
+    rows: dict[str, torch.Tensor] = {}
+    for encoder, encoder_rows in plan.text_rows.items():
+        base_dtype = plan.base.info(encoder, TOKEN_EMBEDDING_KEY).dtype
+        stored = dtype or CODE_DTYPES.get(base_dtype, torch.float32)
+        for tok, row in encoder_rows:
+            rows[sidecar_key(family, encoder, tok)] = row.to(stored)
+    entries = [Entry(key, t.dtype, tuple(t.shape)) for key, t in sorted(rows.items())]
     with StreamWriter(out, entries, plan.metadata(f"{fmt}-tokens", dtype)) as writer:
         for e in entries:
             writer.write(e.key, rows[e.key])

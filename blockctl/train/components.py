@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from blockctl.blocks import foreign_share
-from blockctl.conditioning import Conditioning, denoise, encode, pool_at_end_token
+from blockctl.conditioning import Conditioning, denoise, encode, load_text_part
 from blockctl.errors import InvalidInput
 from blockctl.family import SD, Family
 from blockctl.train.roe import ErasureBatch
@@ -60,20 +60,14 @@ def load_components(base_dir: Path, family: Family = SD) -> Components:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from blockctl.quiet import quiet_libraries
 
     quiet_libraries()
-    encoder_classes = (CLIPTextModel, CLIPTextModelWithProjection)
     try:
         tokenizers, encoders = [], []
-        for part, cls in zip(family.text, encoder_classes, strict=False):
-            tokenizer = CLIPTokenizer.from_pretrained(str(base_dir / part.tokenizer))
-            encoder = cls.from_pretrained(
-                str(base_dir / part.encoder), dtype=torch.float32, use_safetensors=True
-            )
-            pool_at_end_token(encoder, tokenizer)
+        for part in family.text:
+            encoder, tokenizer = load_text_part(base_dir, part, torch.float32)
             tokenizers.append(tokenizer)
             encoders.append(encoder)
         vae = AutoencoderKL.from_pretrained(
