@@ -55,6 +55,14 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny SDXL pipeline folder (tests/support/tiny_sdxl.py)."""
+    from tests.support.tiny_sdxl import save_sdxl
+
+    return save_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "pipe")
+
+
 def create_registry(
     location: Path, base: Path, *, slots: int = 4, rank: int = 2, preset: str = "cross-kv",
     text_encoder: bool = False,
@@ -86,12 +94,13 @@ def write_random_adapter(
         for t in layout.targets
     }
     for tok in toks:
-        tensors[token_key(tok)] = 0.02 * torch.randn(1, layout.token_dim, generator=gen)
+        for encoder, width in layout.token_dims.items():  # SDXL: a row in each text encoder
+            tensors[token_key(tok, encoder)] = 0.02 * torch.randn(1, width, generator=gen)
     meta = AdapterMeta(
         concept=concept, slot=rec.slot if slot is None else slot, tokens=toks,
         class_word=rec.class_word, rank=layout.rank, scale=layout.scale,
         layout_hash=layout.layout_hash, base_fingerprint=layout.base_fingerprint,
-        training={"kind": "random", "seed": seed},
+        training={"kind": "random", "seed": seed}, text_encoders=tuple(layout.token_dims),
     )  # fmt: skip
     write_adapter(path, tensors, meta)
     return path

@@ -238,9 +238,13 @@ def _checkpoint_activations(comps: Any, layout: Layout) -> None:
     comps.unet.enable_gradient_checkpointing()
     for encoder in layout.model_family.text_encoders:
         if any(t.component == encoder for t in layout.targets):
-            comps.modules()[encoder].gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            model = comps.modules()[encoder]
+            # transformers 5 renamed it (the old name warns); 4.x has only the old one
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable({"use_reentrant": False})
 
 
 def _foreign(

@@ -106,7 +106,7 @@ def test_unet_keys_follow_the_sd15_layout(key: str, ldm: str) -> None:
 
 def test_unet_key_refuses_unknown_tensors() -> None:
     with pytest.raises(InvalidInput):
-        unet_key("add_embedding.linear_1.weight", SD15_UNET)
+        unet_key("encoder_hid_proj.weight", SD15_UNET)
 
 
 @pytest.mark.parametrize(
