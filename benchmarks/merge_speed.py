@@ -1,15 +1,23 @@
 """Merge speed on an SD-1.5-shaped pipeline: blockctl merge vs copying the UNet file (the I/O
-floor) vs diffusers' own path (load_lora_weights ×N + fuse_lora + save_pretrained).
+floor) vs diffusers' own path (load_lora_weights ×N + fuse_lora + save_pretrained); and on an
+SDXL-shaped one (``sdxl`` in the results): blockctl merge into each format vs copying the UNet
+file, in the same run.
 
 The base is written here with random fp16 weights, no download: the published SD 1.5 UNet and
 VAE configs, and a CLIP text encoder of SD 1.5's width and depth (768 wide, 12 layers) whose
 vocabulary is the toy tokenizer's (~500 tokens instead of 49408: we have no SD vocabulary
 offline, and merge needs tokenizer and embedding to agree). The UNet file is SD 1.5's 1.7 GB.
 
+The SDXL-shaped base has the published SDXL 1.0 UNet and VAE configs and the two text encoders'
+widths and depths (CLIP ViT-L 768 × 12, OpenCLIP bigG 1280 × 32), again with the toy
+vocabulary: random fp16 weights written tensor by tensor, never a model in memory; the UNet file
+is SDXL's 5.1 GB. diffusers' fuse path is not run on it: loading and fusing 15 LoRAs into a 2.6B
+parameter UNet on two CPU cores takes minutes and tells nothing new.
+
 Each contender runs in its own subprocess, timed from after its imports to the end of the
 write, its peak RSS read from its own /proc/self/status (VmHWM). Usage::
 
-    python benchmarks/merge_speed.py [--work /tmp/merge-bench] [--repeats 2]
+    python benchmarks/merge_speed.py [--work /tmp/merge-bench] [--repeats 2] [--cases sdxl]
 """
 
 from __future__ import annotations
@@ -67,6 +75,39 @@ CLIP_L: dict[str, Any] = {
     "num_hidden_layers": 12,
     "num_attention_heads": 12,
     "max_position_embeddings": 77,
+}
+# stabilityai/stable-diffusion-xl-base-1.0: unet/config.json, vae/config.json, text_encoder_2
+SDXL_UNET: dict[str, Any] = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
+}
+SDXL_VAE: dict[str, Any] = {
+    **SD15_VAE,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+CLIP_BIGG: dict[str, Any] = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
 }
 
 
@@ -140,15 +181,80 @@ def build_base(root: Path) -> Path:
     return base
 
 
+def build_sdxl_base(root: Path) -> Path:
+    """An SDXL-shaped pipeline folder with random fp16 weights, written tensor by tensor."""
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    from blockctl.toy.model import write_tokenizer_files
+
+    base = root / "sdxl-base"
+    if (base / "model_index.json").is_file():
+        return base
+    shutil.rmtree(base, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_files(tmp, ())
+        vocab = json.loads((Path(tmp) / "vocab.json").read_text())
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tokenizer.save_pretrained(str(base / "tokenizer"))
+    tokenizer.pad_token = "!"  # as SDXL's second tokenizer pads
+    tokenizer.save_pretrained(str(base / "tokenizer_2"))
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": 1}  # fmt: skip
+    with torch.device("meta"):
+        parts = (
+            ("unet", UNet2DConditionModel(**SDXL_UNET), "diffusion_pytorch_model"),
+            ("vae", AutoencoderKL(**SDXL_VAE), "diffusion_pytorch_model"),
+            ("text_encoder", CLIPTextModel(CLIPTextConfig(**ids, **CLIP_L)), "model"),
+            (
+                "text_encoder_2",
+                CLIPTextModelWithProjection(CLIPTextConfig(**ids, **CLIP_BIGG)),
+                "model",
+            ),
+        )
+    for i, (name, model, stem) in enumerate(parts):
+        (base / name).mkdir(parents=True)
+        if name.startswith("text_encoder"):
+            model.config.save_pretrained(str(base / name))
+        else:
+            model.save_config(str(base / name))
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        _write_random(base / name / f"{stem}.safetensors", shapes, seed=i)
+    EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+        timestep_spacing="leading",
+    ).save_config(str(base / "scheduler"))  # fmt: skip
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (base / "model_index.json").write_text(json.dumps(index, indent=2))
+    return base
+
+
 def build_registry(root: Path, base: Path, n: int) -> Path:
     """A registry of 80 rank-4 slots (80·4 = 320 ≤ 768) with ``n`` random adapters published."""
     from blockctl.adapter import AdapterMeta, token_key, up_key, write_adapter
     from blockctl.layout import build_layout, sha256_file
     from registry import open_registry
 
-    where = root / "reg"
+    where = root / f"reg-{base.name}"
     shutil.rmtree(where, ignore_errors=True)
-    basis = root / "basis.safetensors"
+    basis = root / f"basis-{base.name}.safetensors"
     layout = build_layout(str(base), base, slots=80, rank=4, basis_path=basis)
     reg = open_registry(str(where))
     reg.create(layout.to_dict(), basis)
@@ -160,7 +266,8 @@ def build_registry(root: Path, base: Path, n: int) -> Path:
             up_key(t.name): 0.01 * torch.randn(t.out_features, 4, generator=gen)
             for t in layout.targets
         }
-        tensors[token_key(rec.token)] = 0.02 * torch.randn(1, layout.token_dim, generator=gen)
+        for encoder, width in layout.token_dims.items():  # SDXL: a row in each encoder
+            tensors[token_key(rec.token, encoder)] = 0.02 * torch.randn(1, width, generator=gen)
         meta = AdapterMeta(
             concept,
             rec.slot,
@@ -170,6 +277,7 @@ def build_registry(root: Path, base: Path, n: int) -> Path:
             layout.scale,
             layout.layout_hash,
             layout.base_fingerprint,
+            text_encoders=tuple(layout.token_dims),
         )
         path = root / f"{concept}.safetensors"
         write_adapter(path, tensors, meta)
@@ -193,8 +301,9 @@ from pathlib import Path
 from blockctl.merge import MergeOptions, merge
 from registry import open_registry
 reg, out, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+fmt = sys.argv[4] if len(sys.argv) > 4 else "diffusers"
 t = time.perf_counter()
-merge(open_registry(reg), [f"c{i:02d}" for i in range(n)], MergeOptions(out=out))
+merge(open_registry(reg), [f"c{i:02d}" for i in range(n)], MergeOptions(out=out, format=fmt))
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_bytes": hwm()}))
 """
 )
@@ -258,16 +367,11 @@ def timed_copy(src: Path, dst: Path) -> float:
     return seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "merge-bench")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/merge_speed.json")
-    parser.add_argument("--concepts", type=int, default=15)
-    parser.add_argument("--scaling", default="1,5,15,40,80")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def sd15_case(args: argparse.Namespace) -> dict[str, Any]:
+    """The SD-1.5-shaped pipeline against the UNet-file copy and diffusers' fuse path."""
+    from bench_meta import run_meta
+
     work: Path = args.work
-    work.mkdir(parents=True, exist_ok=True)
     from blockctl.merge import MergeOptions, merge
     from registry import open_registry
 
@@ -355,7 +459,88 @@ def main() -> None:
         "scaling_seconds_by_concepts": scaling,
         "targets": {"vs_copy_max": 1.5, "vs_diffusers_min": 3.0, "rss_vs_unet_max": 0.5},
         "setup_seconds": round(setup, 1),
+        "run": run_meta(),
     }
+    return result
+
+
+def sdxl_case(args: argparse.Namespace) -> dict[str, Any]:
+    """The SDXL-shaped pipeline: blockctl merge into each format against copying the UNet file
+    (interleaved, best of ``repeats``), each merge in its own process."""
+    from bench_meta import run_meta
+
+    from blockctl.merge.single_file import sidecar_path
+
+    work: Path = args.work
+    t = time.perf_counter()
+    base = build_sdxl_base(work)
+    reg_path = build_registry(work, base, args.concepts)
+    setup = time.perf_counter() - t
+    unet_file = base / "unet" / "diffusion_pytorch_model.safetensors"
+    unet_bytes = unet_file.stat().st_size
+    warm(base)
+    outputs = {"diffusers": work / "sdxl-out", "single-file": work / "sdxl-out.safetensors",
+               "lora": work / "sdxl-lora.safetensors"}  # fmt: skip
+    copies: list[float] = []
+    runs: dict[str, list[dict[str, float]]] = {fmt: [] for fmt in outputs}
+    for _ in range(args.repeats):
+        copies.append(timed_copy(unet_file, work / "sdxl-copy.safetensors"))
+        for fmt, out in outputs.items():
+            runs[fmt].append(run_child(_BLOCKCTL, str(reg_path), str(out), str(args.concepts), fmt))
+            for path in (out, sidecar_path(out)):
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    best = {fmt: min(r["seconds"] for r in rs) for fmt, rs in runs.items()}
+    peak = {fmt: max(r["peak_rss_bytes"] for r in rs) for fmt, rs in runs.items()}
+    return {
+        "what": "blockctl merge of N rank-4 concepts into an SDXL-shaped fp16 pipeline "
+        "(cross-kv preset: the 140 cross-attention to_k/to_v of SDXL's UNet), as a diffusers "
+        "folder, an sgm single file and a kohya LoRA, vs copying the UNet file",
+        **run_meta(),
+        "base": {
+            "unet_bytes": unet_bytes,
+            "pipeline_bytes": sum(p.stat().st_size for p in base.rglob("*") if p.is_file()),
+            "note": "random fp16 weights written tensor by tensor; SDXL 1.0 UNet/VAE configs; "
+            "CLIP ViT-L and OpenCLIP bigG text encoders of SDXL's widths and depths with the "
+            "toy tokenizer's vocabulary",
+        },
+        "concepts": args.concepts,
+        "seconds": {
+            "copy_unet_file": round(min(copies), 3),
+            **{f"blockctl_merge_{fmt}": round(v, 3) for fmt, v in best.items()},
+        },
+        "ratios": {
+            f"blockctl_{fmt}_vs_copy_unet_file": round(v / min(copies), 2)
+            for fmt, v in best.items()
+        },
+        "peak_rss": {
+            **{f"blockctl_{fmt}_bytes": v for fmt, v in peak.items()},
+            "blockctl_diffusers_vs_unet_file": round(peak["diffusers"] / unet_bytes, 3),
+            "note": "whole-process peak (VmHWM of the child), Python + torch imports included",
+        },
+        "setup_seconds": round(setup, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "merge-bench")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/merge_speed.json")
+    parser.add_argument("--concepts", type=int, default=15)
+    parser.add_argument("--scaling", default="1,5,15,40,80")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--cases",
+        default="sd15,sdxl",
+        help="sd15, sdxl or both; a case not run keeps its earlier results in --out",
+    )
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    cases = set(args.cases.split(","))
+    result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if "sd15" in cases:
+        result = {**sd15_case(args), "sdxl": result.get("sdxl")}
+    if "sdxl" in cases:
+        result["sdxl"] = sdxl_case(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

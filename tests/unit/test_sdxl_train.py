@@ -317,3 +317,16 @@ def test_the_adapter_says_which_encoder_each_token_row_belongs_to(
     header["token_embeddings"] = json.dumps({"token_embedding_2": "text_encoder"})
     with pytest.raises(ValidationFailed, match="token_embeddings"):
         AdapterMeta.from_header(header)
+
+
+def test_the_sample_grid_renders_on_sdxl(sdxl_registry: Registry, tmp_path: Path) -> None:
+    from blockctl.train.preview import sample_grid
+
+    s = _session(sdxl_registry, tmp_path)
+    comps = s.inputs.components
+    comps.unet.eval()
+    path = sample_grid(comps, s.inputs.adapter, ("a photo of <rex> dog", "a photo of a dog"),
+                       tmp_path / "grid.png", per_cell=1, steps=2)  # fmt: skip
+    grid = Image.open(path)
+    assert grid.size[0] == 2 * 32  # base | trained, one 32-px image each
+    assert s.inputs.adapter.embedding.enabled  # left switched on
