@@ -24,7 +24,10 @@ def default_owner() -> str:
 def init(
     ctx: typer.Context,
     base: str = typer.Option(
-        TOY, "--base", help="Base model: 'toy' (embedded), a diffusers folder, or a Hub id."
+        TOY,
+        "--base",
+        help="Base model: 'toy' (embedded), a diffusers folder, or a Hub id; an SD 1.x/2.x "
+        "(StableDiffusionPipeline) or SDXL (StableDiffusionXLPipeline) text-to-image pipeline.",
     ),
     slots: int = typer.Option(
         16, "--slots", "-n", help="Number of slots N (N·rank ≤ narrowest target)."
@@ -39,7 +42,9 @@ def init(
         ),
     ] = DEFAULT_PRESET,
     text_encoder: bool = typer.Option(
-        False, "--text-encoder", help="Also put slots on the CLIP text encoder's attention."
+        False,
+        "--text-encoder",
+        help="Also put slots on the CLIP text encoder's attention (on SDXL: both encoders').",
     ),
     scale: float = typer.Option(1.0, "--scale", help="Scale applied to every slot's B·A."),
     seed: int = typer.Option(0, "--seed", help="Seed of the orthonormal basis."),
@@ -59,7 +64,8 @@ def init(
         return
     console.print(
         f"Created registry [bold]{reg.location}[/]: {layout.slots} slots of rank {layout.rank} "
-        f"on {len(layout.targets)} {layout.preset} targets of base {base!r}\n"
+        f"on {len(layout.targets)} {layout.preset} targets of base {base!r} "
+        f"({layout.model_family.pipeline_class})\n"
         f"layout {layout.layout_hash[:12]}  base fingerprint {layout.base_fingerprint[:12]}",
         highlight=False,
     )

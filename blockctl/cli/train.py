@@ -154,7 +154,7 @@ def train(
         "--resolution",
         help="Side of the training square in pixels (photos: shorter side resized to it, aspect "
         "kept, centre-cropped).",
-        show_default="the base's own: 1024 SDXL, 512 SD 1.x, 768 SD 2.x-v, 64 toy",
+        show_default="the base's own: 1024 SDXL, 512 SD 1.5, 64 toy",
     ),
     gradient_checkpointing: bool = typer.Option(
         None,

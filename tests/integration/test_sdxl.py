@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from blockctl.adapter import load_adapter, token_key, up_key
+from blockctl.errors import InvalidInput
 from blockctl.layout import Layout, layout_of, sha256_file
 from registry import Registry, open_registry
 from tests.conftest import write_random_adapter
@@ -308,3 +309,29 @@ def test_eval_and_sample_run_on_sdxl(world: World, tmp_path: Path) -> None:
     )  # fmt: skip
     assert code == 0, err
     assert grid.stat().st_size > 0
+
+
+def test_a_concepts_clip_l_clip_g_embedding_loads_into_both_encoders(
+    world: World, folder_pipe: StableDiffusionXLPipeline
+) -> None:
+    """The SDXL embedding-file layout for clients: loaded the way diffusers documents it."""
+    from blockctl.merge import plan_merge
+    from blockctl.merge.sdxl_embedding import sdxl_embedding
+
+    plan = plan_merge(world.registry, ["tabby"], {})
+    state = sdxl_embedding(plan, "tabby")
+    assert {k: tuple(v.shape) for k, v in state.items()} == {"clip_l": (1, 32), "clip_g": (1, 48)}
+    pipe = _pipe(world.base)
+    pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id
+    for name, encoder, tokenizer in (("clip_l", "text_encoder", "tokenizer"),
+                                     ("clip_g", "text_encoder_2", "tokenizer_2")):  # fmt: skip
+        pipe.load_textual_inversion(
+            state[name], token="<tabby>", text_encoder=getattr(pipe, encoder),
+            tokenizer=getattr(pipe, tokenizer),
+        )  # fmt: skip
+    _, rows = _expected(world)
+    for encoder in ENCODERS:
+        embedding = getattr(pipe, encoder).get_input_embeddings().weight
+        assert _rel(embedding[-1:], rows[encoder][1:2]) <= REL  # tabby: the second concept
+    with pytest.raises(InvalidInput):
+        sdxl_embedding(plan, "rex")
