@@ -27,12 +27,12 @@ def sdxl_embedding(plan: MergePlan, concept: str) -> dict[str, torch.Tensor]:
     family = plan.layout.model_family
     if not family.dual_text:
         raise InvalidInput(f"the {family.pipeline_class} layout has no clip_l/clip_g embeddings")
-    (selected,) = [s for s in plan.selected if s.concept == concept] or [None]
-    if selected is None:
+    tokens = {tok for s in plan.selected if s.concept == concept for tok in s.tokens}
+    if not tokens:
         raise InvalidInput(f"{concept!r} is not part of this merge")
     out = {}
     for part in family.text:
-        rows = [row for tok, row in plan.text_rows[part.encoder] if tok in selected.tokens]
+        rows = [row for tok, row in plan.text_rows[part.encoder] if tok in tokens]
         assert part.embedding_name is not None
         out[part.embedding_name] = torch.cat(rows).to(torch.float32).contiguous()
     return out
