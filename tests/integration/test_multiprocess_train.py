@@ -3,11 +3,14 @@ trains, to float summation order: run for real, end to end, on the tiny base.
 
 Tolerance: the processes' gradients are the one-process gradient summed in another order (the
 all-reduce adds two half-batch gradients; one process sums the whole batch inside its kernels),
-equal to ~1e-7 relative. AdamW divides each coordinate by its own gradient scale, so where a
-gradient is near zero that noise can move a coordinate by a small fraction of the learning rate
-per step: over these few steps the largest difference measured was ~1e-5. ``ATOL`` = 1e-4 is a
-thirtieth of one step's largest move (lr 3e-3), while training on other draws than the one
-process (what each process did before the batch was shared) differs by the blocks' whole size.
+equal to ~1e-7 relative. AdamW divides each coordinate by its own gradient scale, so a
+coordinate whose gradient is near zero can turn that noise into a move of up to the learning
+rate on a step: single entries differed by up to 1.5e-4 (|B| ~ 0.02) after 6 steps. So the
+adapters are compared as wholes: ‖B₂ − B₁‖ / ‖B₁‖ over all blocks, and the same for the token
+row, at most ``RTOL`` = 1e-2. Measured here: 1e-6 to 4e-4 (1.4e-5 after 100 steps on the toy
+base, benchmarks/results/ddp_check.json); even one entry flipped at the first step would stay
+under 3e-3 with the default warmup. Training on other draws (what each process did before the
+batch was shared; here another seed) ends 0.3 (token) to 0.8 (blocks) apart.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from blockctl.adapter import load_adapter
 from blockctl.layout import sha256_file
@@ -33,12 +35,12 @@ from tests.support.processes import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # each launch starts two fresh interpreters: ~30 s on 2 cores
 
-ATOL = 1e-4
-QUICK = ("--steps", "6", "--warmup-steps", "0", "--checkpoint-every", "3", "--json")
-# Exercises a split erasure batch (2 prompts over 2 processes) with stand-in tokens.
+RTOL = 1e-2
+QUICK = ("--steps", "6", "--checkpoint-every", "3", "--json")
+# A split erasure batch (2 prompts over 2 processes) with stand-in tokens, and accumulation.
 SPLIT_ERASURE = (
     "--batch-size", "4", "--roe-batch-size", "2", "--roe-standin", "0.5",
-    "--roe-latents", "mixed", "--token-norm-bound", "1",
+    "--roe-latents", "mixed", "--token-norm-bound", "1", "--grad-accum", "2",
 )  # fmt: skip
 
 
@@ -87,9 +89,12 @@ def _assert_same_adapter(one: Path, two: Path) -> None:
     for key in ("steps_taken", "roe_steps"):
         assert a.meta.training[key] == b.meta.training[key]
     assert a.tensors.keys() == b.tensors.keys()
-    for key, value in a.tensors.items():
-        assert float(value.abs().max()) > 10 * ATOL, key  # it learnt: the check is not vacuous
-        torch.testing.assert_close(b.tensors[key], value, rtol=0, atol=ATOL, msg=key)
+    blocks = [k for k in a.tensors if k.startswith("unet.")]
+    assert blocks and all(float(a.tensors[k].abs().max()) > 0 for k in blocks)  # it learnt
+    for keys in (blocks, [k for k in a.tensors if k.startswith("token_embedding.")]):
+        gap = sum(float((b.tensors[k] - a.tensors[k]).pow(2).sum()) for k in keys) ** 0.5
+        size = sum(float(a.tensors[k].pow(2).sum()) for k in keys) ** 0.5
+        assert gap <= RTOL * size, (keys[0], gap / size)
 
 
 def test_two_processes_train_the_adapter_one_process_trains(reg: Registry, tmp_path: Path) -> None:
