@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from bench_meta import RESULTS, run_meta
-from identity_common import photos_for
 
 from blockctl.adapter import load_adapter
 from blockctl.initialize import init_registry
@@ -35,6 +34,18 @@ LAUNCH = (
 )  # fmt: skip
 
 
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "",
+            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # fmt: skip
+
+
+def demo_photos(folder: Path, concept: str) -> Path:
+    """The demo concept's 12 photos (seed 0), as ``blockctl toy-photos`` renders them."""
+    command = [sys.executable, "-m", "blockctl", "toy-photos", str(folder), "--concept", concept]
+    subprocess.run(command, env=env(), check=True, capture_output=True)
+    return folder
+
+
 def train(processes: int, reg: Path, photos: Path, out: Path, concept: str, steps: int) -> dict:
     launcher = ["-m", "blockctl"]
     if processes > 1:
@@ -42,10 +53,8 @@ def train(processes: int, reg: Path, photos: Path, out: Path, concept: str, step
     command = [sys.executable, *launcher, "--registry", str(reg), "train", str(photos),
                "--concept", concept, "--steps", str(steps), "--out", str(out),
                "--no-publish", "--no-sample", "--json"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "",
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # fmt: skip
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, env=env(), capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"{processes}-process run failed:\n{done.stderr}")
@@ -93,7 +102,7 @@ def main() -> None:
     layout = init_registry(reg, "toy")
     spec = CONCEPTS[args.concept]
     reg.reserve(args.concept, f"<{args.concept}>", spec.class_word, "ddp-check")
-    photos = photos_for(work, args.concept, seed=0)
+    photos = demo_photos(work / "photos", args.concept)
     runs = {}
     for processes in (1, 2):
         out = work / f"{processes}-process"
