@@ -233,6 +233,8 @@ def train(
 
     with _progress(json_out) as report:
         result = run_training(registry, request, say=say, progress=report)
+    if not result.main_process:
+        return  # one report per run: the main process's
     if json_out:
         emit_json(result.to_dict())
         return
