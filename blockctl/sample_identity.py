@@ -14,9 +14,10 @@ texture keeps every pixel value, so it costs nothing; a subject's colours and pa
 palette or a style's tones are what move it; a small change of tone moves it a little.
 Validated on the toy world (benchmarks/sample_distance.py): 98 % of 200 with/without-concept
 pairs lie farther apart than the farthest of 200 phase-shifted pairs (mean 0.10 against 0.0008);
-the others are nearly the same picture (a plain orange star is rex without its spots). Measured and dropped: a 6-level colour histogram
-(a tone shift of a few levels that crossed a bin edge counted as a new palette) and a coarse
-layout grid (a stripe wider than a grid cell counted as a change). On real bases it is a
+the others are nearly the same picture (a plain orange star is rex without its spots).
+Measured and dropped: a 6-level colour histogram (a tone shift of a few levels that crossed a
+bin edge counted as a new palette) and a coarse layout grid (a stripe wider than a grid cell
+counted as a change). On real bases it is a
 heuristic; ``eval --clip`` is the better-founded alternative.
 """
 
