@@ -51,7 +51,11 @@ def test_file_formats(reg: Registry, tmp_path: Path, fmt: str, extra: list[str])
         reg, "merge", "rex", "vangogh", "-o", str(out), "--format", fmt, *extra
     )
     assert code == 0, stdout + stderr
-    assert "tokens" in (stdout + stderr) and (tmp_path / "out.tokens.safetensors").is_file()
+    assert "out.embeddings/ (rex, vangogh)" in stdout + stderr
+    assert sorted(p.name for p in (tmp_path / "out.embeddings").glob("*.safetensors")) == [
+        "rex.safetensors",
+        "vangogh.safetensors",
+    ]
     code, stdout, stderr = cli(reg, "verify", "--merged", str(out))
     assert code == 0, stdout + stderr
 
