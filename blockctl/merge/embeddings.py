@@ -106,13 +106,10 @@ def write(plan: MergePlan, temps: list[Path], options: MergeOptions, fmt: str) -
     folder = temps[0]
     folder.mkdir()
     for concept, rows in concept_rows(plan).items():
-        tensors = embedding_tensors({c: t.to(_stored(plan, c, dtype)) for c, t in rows.items()})
-        entries = [Entry(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+        stored = {c: t.to(_stored(plan, c, dtype)) for c, t in rows.items()}
         # Each file says where its rows came from: the merge record of its concept alone.
         meta = plan.only(concept).metadata(f"{fmt}-embedding", dtype)
-        with StreamWriter(folder / file_name(concept), entries, meta) as writer:
-            for key, tensor in tensors.items():
-                writer.write(key, tensor.contiguous())
+        write_file(folder / file_name(concept), stored, meta)
     record = plan.record(f"{fmt}-embeddings", dtype)
     (folder / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     names = ", ".join(_with_tokens(plan))
@@ -120,6 +117,15 @@ def write(plan: MergePlan, temps: list[Path], options: MergeOptions, fmt: str) -
         f"concept tokens are in {embeddings_dir(options.out).name}/ ({names}): "
         "textual-inversion embeddings for AUTOMATIC1111, ComfyUI and diffusers"
     ]
+
+
+def write_file(path: Path, rows: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """One concept's embedding file from its rows per text component (``embedding_tensors``)."""
+    tensors = embedding_tensors(rows)
+    entries = [Entry(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    with StreamWriter(path, entries, metadata) as writer:
+        for key, tensor in tensors.items():
+            writer.write(key, tensor.contiguous())
 
 
 def _stored(plan: MergePlan, component: str, dtype: torch.dtype | None) -> torch.dtype:
