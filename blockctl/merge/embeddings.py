@@ -21,7 +21,7 @@ own record names the files, so ``verify --merged`` checks them.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,15 +37,22 @@ if TYPE_CHECKING:
 
 SUFFIX = ".embeddings"
 RECORD_KEY = "embeddings"  # in OUT's merge record: {concept: file name in the folder}
-# The key each text component's rows go under, per family; a pipeline's text components (by
-# their diffusers names) tell the family.
-FAMILY_KEYS: dict[frozenset[str], dict[str, str]] = {
-    frozenset({"text_encoder"}): {"text_encoder": "emb_params"},
-    frozenset({"text_encoder", "text_encoder_2"}): {
-        "text_encoder": "clip_l",
-        "text_encoder_2": "clip_g",
-    },
+# The key each text component's rows go under, per model family.
+FAMILY_KEYS: dict[str, dict[str, str]] = {
+    "sd": {"text_encoder": "emb_params"},  # SD 1.x/2.x
+    "sdxl": {"text_encoder": "clip_l", "text_encoder_2": "clip_g"},
 }
+
+
+def family_of(components: Iterable[str]) -> str:
+    """The family whose text components (diffusers' names) these are. Enough for SD and SDXL;
+    a family with the same names as another (Flux's CLIP and T5 are also ``text_encoder`` and
+    ``text_encoder_2``) has to be named instead."""
+    wanted = set(components)
+    for family, keys in FAMILY_KEYS.items():
+        if set(keys) == wanted:
+            return family
+    raise ValueError(f"no embedding layout for the text components {sorted(wanted)}")
 
 
 def embeddings_dir(out: Path) -> Path:
@@ -57,13 +64,18 @@ def file_name(concept: str) -> str:
     return f"{concept}.safetensors"
 
 
-def embedding_tensors(rows: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def embedding_tensors(
+    rows: Mapping[str, torch.Tensor], family: str | None = None
+) -> dict[str, torch.Tensor]:
     """One concept's embedding file: its rows per text component (``{"text_encoder": n×768}``
-    for SD 1.x, plus ``"text_encoder_2": n×1280`` for SDXL) under the keys its family's clients
-    read."""
-    keys = FAMILY_KEYS.get(frozenset(rows))
+    for SD 1.x, plus ``"text_encoder_2": n×1280`` for SDXL) under the keys its family's
+    clients read."""
+    family = family or family_of(rows)
+    keys = FAMILY_KEYS.get(family)
     if keys is None:
-        raise ValueError(f"no embedding layout for the text components {sorted(rows)}")
+        raise ValueError(f"no embedding layout for the family {family!r}")
+    if set(rows) != set(keys):
+        raise ValueError(f"{family} embeddings need rows for {sorted(keys)}, not {sorted(rows)}")
     counts = {t.shape[0] if t.dim() == 2 else -1 for t in rows.values()}
     if len(counts) != 1 or -1 in counts:
         raise ValueError("each text component needs the same number of rows, as n × width")
@@ -119,9 +131,14 @@ def write(plan: MergePlan, temps: list[Path], options: MergeOptions, fmt: str) -
     ]
 
 
-def write_file(path: Path, rows: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+def write_file(
+    path: Path,
+    rows: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    family: str | None = None,
+) -> None:
     """One concept's embedding file from its rows per text component (``embedding_tensors``)."""
-    tensors = embedding_tensors(rows)
+    tensors = embedding_tensors(rows, family)
     entries = [Entry(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
     with StreamWriter(path, entries, metadata) as writer:
         for key, tensor in tensors.items():

@@ -38,9 +38,14 @@ def test_sd_layout_is_one_tensor_named_emb_params() -> None:
 
 def test_sdxl_layout_puts_each_encoder_under_its_key() -> None:
     clip_l, clip_g = torch.randn(1, 768), torch.randn(1, 1280)
-    got = embedding_tensors({"text_encoder_2": clip_g, "text_encoder": clip_l})
-    assert sorted(got) == ["clip_g", "clip_l"]
-    assert got["clip_l"] is clip_l and got["clip_g"] is clip_g
+    for family in (None, "sdxl"):
+        got = embedding_tensors({"text_encoder_2": clip_g, "text_encoder": clip_l}, family)
+        assert sorted(got) == ["clip_g", "clip_l"]
+        assert got["clip_l"] is clip_l and got["clip_g"] is clip_g
+    with pytest.raises(ValueError, match="need rows for"):
+        embedding_tensors({"text_encoder": clip_l}, "sdxl")
+    with pytest.raises(ValueError, match="no embedding layout for the family 'flux'"):
+        embedding_tensors({"text_encoder": clip_l, "text_encoder_2": clip_g}, "flux")
 
 
 @pytest.mark.parametrize(
