@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from blockctl.merge.embeddings import write_file
+from tests.support.generation import generate
 
 # Different widths for the two encoders, so a swapped key cannot load.
 WIDTH_L, WIDTH_G, PROJECTION, TIME_DIM = 32, 48, 16, 8
@@ -107,12 +107,4 @@ def test_sdxl_embedding_loads_into_both_encoders(
         assert tokenizer("a photo of <rex> thing").input_ids.count(token_id) == 1
         table = encoder.get_input_embeddings().weight
         assert torch.equal(table[token_id], rows[component][0])
-    image = sdxl(
-        "a photo of <rex> thing",
-        num_inference_steps=2,
-        height=16,
-        width=16,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).images
-    assert image.shape == (1, 16, 16, 3) and bool(np.isfinite(image).all())
+    generate(sdxl, "a photo of <rex> thing", 16)

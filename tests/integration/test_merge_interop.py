@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -16,6 +15,7 @@ from blockctl.adapter import load_adapter, token_key
 from blockctl.merge import MergeOptions, merge
 from blockctl.merge.embeddings import embeddings_dir
 from registry import Registry, open_registry
+from tests.support.generation import generate
 from tests.support.registries import make_published
 
 pytest.importorskip("peft")
@@ -76,19 +76,6 @@ def _load_single_file(merged: dict[str, Path]) -> StableDiffusionPipeline:
     )
 
 
-def _generate(pipe: StableDiffusionPipeline, prompt: str) -> np.ndarray:
-    image = pipe(
-        prompt,
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).images
-    assert image.shape == (1, 32, 32, 3) and bool(np.isfinite(image).all())
-    return image
-
-
 def _unet_out(pipe: StableDiffusionPipeline) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     unet = pipe.unet
@@ -108,7 +95,7 @@ def test_from_pretrained_loads_and_generates(folder_pipe: StableDiffusionPipelin
     ids = folder_pipe.tokenizer("a <rex> and <tabby>").input_ids
     vocab = folder_pipe.text_encoder.get_input_embeddings().weight.shape[0]
     assert vocab - 2 in ids and vocab - 1 in ids
-    _generate(folder_pipe, "a photo of <rex>")
+    generate(folder_pipe, "a photo of <rex>", 32)
 
 
 def test_from_single_file_equals_the_folder(
@@ -184,4 +171,4 @@ def test_each_concept_embedding_loads_as_it_is(merged: dict[str, Path], kind: st
         table = pipe.text_encoder.get_input_embeddings().weight
         row = load_adapter(reg.adapter_file(concept)).tensors[token_key(token)]
         assert torch.equal(table[token_id], row[0].to(table.dtype))
-    _generate(pipe, "a photo of <rex> with <tabby>")
+    generate(pipe, "a photo of <rex> with <tabby>", 32)
