@@ -123,7 +123,7 @@ def check_merged(registry: Registry, path: Path, tolerance: float | None = None)
     record = read_record(path)
     layout = layout_of(registry)
     output = str(record.get("output", ""))
-    if output.endswith("-embeddings"):
+    if output.endswith(("-embeddings", "-embedding")):  # the folder or one of its files
         raise InvalidInput(
             f"{path} holds the concept embeddings of a merge; verify the merged file beside it"
         )

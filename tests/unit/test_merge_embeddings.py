@@ -151,8 +151,9 @@ def test_verify_merged_catches_every_damage(reg: Registry, tmp_path: Path) -> No
 def test_verify_merged_on_the_folder_or_a_stray_file(reg: Registry, tmp_path: Path) -> None:
     out = tmp_path / "s.safetensors"
     merge(reg, ["rex"], MergeOptions(out=out, format="single-file"))
-    with pytest.raises(InvalidInput, match="verify the merged file beside it"):
-        check_merged(reg, tmp_path / "s.embeddings")
+    for inside in (tmp_path / "s.embeddings", tmp_path / "s.embeddings" / "rex.safetensors"):
+        with pytest.raises(InvalidInput, match="verify the merged file beside it"):
+            check_merged(reg, inside)
     with pytest.raises(InvalidInput, match="not a blockctl merge output"):
         check_merged(reg, reg.basis_path())
 
