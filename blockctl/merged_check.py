@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from blockctl.adapter import load_adapter, token_key, up_key
 from blockctl.base_model import BaseFolder, resolve_base
@@ -28,7 +29,9 @@ from blockctl.layout import (
     layout_of,
     sha256_file,
 )
+from blockctl.merge.embeddings import RECORD_KEY
 from blockctl.merge.record import read_record
+from blockctl.safetensors_io import read_header
 from registry.base import Registry
 
 # Relative error (max|merged − expected| / max|expected| per tensor) each dtype's rounding
@@ -76,6 +79,8 @@ class _Expected:
             raise ValidationFailed("the registry's basis does not match its layout sha256")
         self.adapters = []
         self.token_rows: list[torch.Tensor] = []
+        # concept → text component → its tokens' rows (n × width), for the embedding files
+        self.embeddings: dict[str, dict[str, torch.Tensor]] = {}
         for item in record["concepts"]:
             path = registry.adapter_file(item["concept"])
             if sha256_file(path) != item["sha256"]:
@@ -85,7 +90,10 @@ class _Expected:
             adapter = load_adapter(path)
             factor = layout.scale * float(item["scale"])
             self.adapters.append((int(item["slot"]), factor, adapter))
-            self.token_rows += [adapter.tensors[token_key(t)].double() for t in item["tokens"]]
+            rows = [adapter.tensors[token_key(t)].double() for t in item["tokens"]]
+            self.token_rows += rows
+            if rows:
+                self.embeddings[item["concept"]] = {"text_encoder": torch.cat(rows)}
         self.targets = {(t.component, f"{t.module}.weight"): t for t in layout.targets}
 
     def delta(self, component: str, key: str) -> torch.Tensor | None:
@@ -115,6 +123,10 @@ def check_merged(registry: Registry, path: Path, tolerance: float | None = None)
     record = read_record(path)
     layout = layout_of(registry)
     output = str(record.get("output", ""))
+    if output.endswith(("-embeddings", "-embedding")):  # the folder or one of its files
+        raise InvalidInput(
+            f"{path} holds the concept embeddings of a merge; verify the merged file beside it"
+        )
     concepts = tuple(str(c["concept"]) for c in record.get("concepts", []))
     problems: list[str] = []
     if record.get("layout_hash") != layout.layout_hash:
@@ -150,7 +162,14 @@ def check_merged(registry: Registry, path: Path, tolerance: float | None = None)
         checked += 1
         if err >= errors.get(component, -1.0):
             errors[component], worst[component] = err, key
-    if output in ("single-file", "lora"):
+    if output in ("single-file", "lora") and RECORD_KEY in record:
+        found = _check_embeddings(path, record[RECORD_KEY], expected)
+        problems += found.problems
+        dtypes |= found.dtypes
+        if found.dtypes:
+            errors["embeddings"], worst["embeddings"] = found.error, found.worst
+    elif output in ("single-file", "lora") and expected.token_rows:
+        # Merged by an earlier blockctl, which put every token row in one sidecar file.
         token_err = _sidecar_error(path, record, expected)
         if token_err is None:
             problems.append("the concept-token sidecar (.tokens.safetensors) is missing")
@@ -169,11 +188,68 @@ def check_merged(registry: Registry, path: Path, tolerance: float | None = None)
     )
 
 
-# (component, base key, merged tensor, base tensor, dtype the output stores it in)
-def _sidecar_error(path: Path, record: dict[str, Any], expected: _Expected) -> float | None:
-    from blockctl.merge.single_file import sidecar_path
+@dataclass(frozen=True)
+class _EmbeddingsFound:
+    error: float  # max relative error over the files' rows
+    worst: str  # the file and key with that error
+    dtypes: frozenset[str]  # of the rows compared (none: nothing could be compared)
+    problems: tuple[str, ...]
 
-    sidecar = sidecar_path(path)
+
+def _check_embeddings(path: Path, entry: Any, expected: _Expected) -> _EmbeddingsFound:
+    """The embedding files the merge record names, in the folder beside ``path``: one per
+    concept with tokens, holding exactly the keys of its family, rows equal to the adapters'."""
+    from blockctl.merge.embeddings import embedding_tensors, embeddings_dir
+
+    files = _embeddings_entry(entry)
+    if files is None:
+        return _EmbeddingsFound(0.0, "", frozenset(), ("the record's embeddings entry is damaged",))
+    folder = embeddings_dir(path)
+    problems: list[str] = []
+    missing = sorted(set(expected.embeddings) - set(files))
+    if missing:
+        problems.append(f"no embedding file recorded for {', '.join(missing)}")
+    error, worst, dtypes = 0.0, "", set()
+    for concept, name in sorted(files.items()):
+        shown, file = f"{folder.name}/{name}", folder / name
+        want = expected.embeddings.get(concept)
+        if want is None:
+            problems.append(f"{shown}: {concept!r} has no concept tokens in this merge")
+            continue
+        if not file.is_file():
+            problems.append(f"the embedding {shown} is missing")
+            continue
+        try:
+            read_header(file)  # a damaged file is refused with a reason, not a crash
+            got = load_file(str(file))
+        except (ValidationFailed, SafetensorError) as exc:
+            problems.append(f"the embedding {shown} is unreadable: {exc}")
+            continue
+        want_keys = embedding_tensors(want)
+        if set(got) != set(want_keys):
+            problems.append(f"{shown} holds {sorted(got)}, not {sorted(want_keys)}")
+            continue
+        for key, rows in want_keys.items():
+            dtypes.add(str(got[key].dtype).removeprefix("torch."))
+            err = _rel_error(got[key], rows)
+            if err >= error:
+                error, worst = err, f"{shown} {key}"
+    return _EmbeddingsFound(error, worst, frozenset(dtypes), tuple(problems))
+
+
+def _embeddings_entry(entry: Any) -> dict[str, str] | None:
+    """``{concept: file}`` from the record, if every name is a plain file name (the record is
+    read from a file: it never gets to point elsewhere)."""
+    if not isinstance(entry, dict):
+        return None
+    names = [*entry.keys(), *entry.values()]
+    if not all(isinstance(n, str) and n and Path(n).name == n and n != ".." for n in names):
+        return None
+    return {str(c): str(f) for c, f in entry.items()}
+
+
+def _sidecar_error(path: Path, record: dict[str, Any], expected: _Expected) -> float | None:
+    sidecar = path.with_name(path.name.removesuffix(".safetensors") + ".tokens.safetensors")
     if not sidecar.is_file():
         return None
     tokens = [t for item in record["concepts"] for t in item["tokens"]]
@@ -189,6 +265,7 @@ def _sidecar_error(path: Path, record: dict[str, Any], expected: _Expected) -> f
         )
 
 
+# (component, base key, merged tensor, base tensor, dtype the output stores it in)
 Pair = tuple[str, str, torch.Tensor, torch.Tensor, torch.dtype]
 
 

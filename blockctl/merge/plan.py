@@ -166,8 +166,11 @@ class MergePlan:
         up = torch.cat([self.ups[target.name][s].float() * scales[s] for s in order], dim=1)
         return down, up
 
-    def record(self, output: str, dtype: torch.dtype | None) -> dict[str, object]:
-        """What went in: enough for ``verify --merged`` to recompute the expected weights."""
+    def record(
+        self, output: str, dtype: torch.dtype | None, extra: Mapping[str, object] | None = None
+    ) -> dict[str, object]:
+        """What went in: enough for ``verify --merged`` to recompute the expected weights.
+        ``extra``: what a writer put beside the output (e.g. the concept embeddings)."""
         return {
             "format": MERGE_FORMAT,
             "output": output,
@@ -177,13 +180,16 @@ class MergePlan:
             "layout_scale": self.layout.scale,
             "dtype": dtype_name(dtype) if dtype is not None else "base",
             "concepts": [s.to_dict() for s in self.selected],
+            **(extra or {}),
         }
 
-    def metadata(self, output: str, dtype: torch.dtype | None) -> dict[str, str]:
+    def metadata(
+        self, output: str, dtype: torch.dtype | None, extra: Mapping[str, object] | None = None
+    ) -> dict[str, str]:
         # "format": "pt" is what transformers/diffusers require of safetensors metadata.
         return {
             "format": "pt",
-            META_KEY: json.dumps(self.record(output, dtype), sort_keys=True),
+            META_KEY: json.dumps(self.record(output, dtype, extra), sort_keys=True),
         }
 
     # -- streaming one tensor at a time --------------------------------------------------------

@@ -4,8 +4,8 @@ ComfyUI and diffusers' ``from_single_file`` read): ``model.diffusion_model.*`` (
 
 The key mapping is ours, derived from the UNet/VAE configs, so it covers any block count
 (the toy bases have fewer blocks than SD 1.5). The text encoder keeps the base's vocabulary:
-those tools build their tokenizer from the stock CLIP vocabulary, so the concept tokens go to a
-sidecar textual-inversion file (``<stem>.tokens.safetensors``) instead.
+those tools build their tokenizer from the stock CLIP vocabulary, so the concept tokens go to
+textual-inversion embeddings beside the file instead (``embeddings``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,10 +21,10 @@ import torch
 
 from blockctl.clip_names import prefixed_module
 from blockctl.errors import InvalidInput
+from blockctl.merge import embeddings
 from blockctl.merge.plan import parse_dtype
 from blockctl.merge.writers import computed_ahead, pause_mid_write
 from blockctl.safetensors_io import (
-    CODE_DTYPES,
     Entry,
     StreamWriter,
     TensorReader,
@@ -60,11 +60,6 @@ _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_ou
 _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$")
 _SAMPLER = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(downsamplers|upsamplers)\.0\.conv\.(.+)$")
 _MID = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
-
-
-def sidecar_path(out: Path) -> Path:
-    stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
-    return out.with_name(f"{stem}.tokens.safetensors")
 
 
 def _resnet(rest: str) -> str:
@@ -143,21 +138,24 @@ def key_mapper(base: BaseFolder, component: str) -> Callable[[str], str]:
 
 class SingleFile:
     def outputs(self, out: Path, plan: MergePlan) -> list[Path]:
-        return [out, sidecar_path(out)] if plan.token_rows else [out]
+        return [out, *embeddings.outputs(out, plan)]
 
     def write(self, plan: MergePlan, temps: list[Path], options: MergeOptions) -> list[str]:
-        dtype = parse_dtype(options.dtype)
-        write_single_file(plan, temps[0], dtype)
-        if len(temps) > 1:
-            write_token_sidecar(plan, temps[1], dtype, "single-file")
-            return [f"concept tokens are in {sidecar_path(options.out).name} (textual inversion)"]
-        return []
+        beside = embeddings.record_entry(plan)
+        write_single_file(plan, temps[0], parse_dtype(options.dtype), beside)
+        return embeddings.write(plan, temps[1:], options, "single-file")
 
 
 WRITER = SingleFile()
 
 
-def write_single_file(plan: MergePlan, out: Path, dtype: torch.dtype | None) -> None:
+def write_single_file(
+    plan: MergePlan,
+    out: Path,
+    dtype: torch.dtype | None,
+    beside: Mapping[str, object] | None = None,
+) -> None:
+    """``beside``: what the merge record says about files written next to ``out``."""
     # (original-layout key, component, source file, source entry, out entry)
     rows: list[tuple[str, str, Path, Entry, Entry]] = []
     for component in COMPONENTS:
@@ -178,7 +176,7 @@ def write_single_file(plan: MergePlan, out: Path, dtype: torch.dtype | None) -> 
             f: stack.enter_context(TensorReader(f)) for f in dict.fromkeys(r[2] for r in rows)
         }
         writer = stack.enter_context(
-            StreamWriter(out, [r[4] for r in rows], plan.metadata("single-file", dtype))
+            StreamWriter(out, [r[4] for r in rows], plan.metadata("single-file", dtype, beside))
         )
         todo = {r[0]: r for r in rows if not plan.passthrough(r[1], r[3], dtype, tokens=False)}
 
@@ -197,17 +195,3 @@ def write_single_file(plan: MergePlan, out: Path, dtype: torch.dtype | None) -> 
                 writer.write(ldm, tensor)
             if i == 0:
                 pause_mid_write()
-
-
-def write_token_sidecar(plan: MergePlan, out: Path, dtype: torch.dtype | None, fmt: str) -> None:
-    """One (1×dim) row per concept token, keyed by the token: load it with
-    ``pipe.load_textual_inversion([{tok: row} for tok, row in rows.items()])``."""
-    from blockctl.layout import TOKEN_EMBEDDING_KEY
-
-    base_dtype = plan.base.info("text_encoder", TOKEN_EMBEDDING_KEY).dtype
-    stored = dtype or CODE_DTYPES.get(base_dtype, torch.float32)
-    rows = {tok: row.to(stored) for tok, row in plan.token_rows}
-    entries = [Entry(tok, t.dtype, tuple(t.shape)) for tok, t in sorted(rows.items())]
-    with StreamWriter(out, entries, plan.metadata(f"{fmt}-tokens", dtype)) as writer:
-        for e in entries:
-            writer.write(e.key, rows[e.key])
