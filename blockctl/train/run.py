@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -171,6 +172,7 @@ def prepare(registry: Registry, request: TrainRequest, say: Say = print) -> Sess
     comps.vae.to(device)
     bank = encode_photos(comps.vae, photos.pixels, comps.scaling_factor)
     bases = load_basis(registry.basis_path(), layout)
+    base_tokenizer = copy.deepcopy(comps.tokenizer)  # before the concept's token is added
     adapter = attach(
         comps.modules(),
         layout,
@@ -206,7 +208,7 @@ def prepare(registry: Registry, request: TrainRequest, say: Say = print) -> Sess
         bank=bank,
         caption_ids=caption_ids,
         pool=pool,
-        probe=make_probe(bank, caption_ids, comps.noise_scheduler, config.seed),
+        probe=_probe(comps, base_tokenizer, record, tuple(bank.mean.shape[2:]), config.seed),
         out_dir=request.out_dir,
         run_meta=_run_meta(record, layout),
         resume_hint=request.resume_hint,
@@ -240,6 +242,22 @@ def launch_note(env: Mapping[str, str], processes: int) -> str | None:
 
 def _silent(message: str) -> None:
     pass
+
+
+def _probe(
+    comps: Any, base_tokenizer: Any, record: SlotRecord, latent_shape: tuple[int, ...], seed: int
+) -> Any:
+    """The learning-strength probe of the concept's own prompts (strength.py): read with the
+    concept's token by the trained model, and as the base reads them (token in pieces)."""
+    return make_probe(
+        lambda prompts: loop.tokenize(comps.tokenizer, prompts),
+        lambda prompts: loop.tokenize(base_tokenizer, prompts),
+        record.token,
+        record.class_word,
+        latent_shape,
+        comps.noise_scheduler,
+        seed,
+    )
 
 
 def _foreign(
