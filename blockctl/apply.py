@@ -122,9 +122,10 @@ class Overlay:
                 f"{'.'.join(key)}: update is {tuple(delta.shape)} but the weight is "
                 f"{tuple(weight.shape)}"
             )
-        # ΔW + W promotes W to float32 exactly, so this is the merge's W + ΔW bit for bit
-        # (blocks.apply_delta) with one temporary instead of two; copy_ rounds it once.
-        weight.copy_(torch.add(delta.to(weight.device, torch.float32), original))
+        # ΔW + W promotes W to float32 exactly and rounds the float32 sum once into the weight's
+        # dtype: the merge's (W + ΔW).to(dtype) (blocks.apply_delta) bit for bit, in one pass
+        # and without a temporary.
+        torch.add(delta.to(weight.device, torch.float32), original, out=weight)
         self._changed.add(key)
 
     def _put_tokens(self, token_rows: TokenRows) -> Any:
