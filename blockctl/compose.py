@@ -51,11 +51,13 @@ class Composer:
     use (or ahead of time with ``load``); a switch then costs one matmul per target.
 
     Thread safety: ``set``, ``restore`` and ``load`` take a lock, so concurrent calls on one
-    Composer are serialised. Nothing can stop another thread from running the pipeline *during*
-    a switch, though, and it would see a mix of two subsets: run generation and switching from
-    one thread, or hold one lock of your own around both. To serve different subsets at the
-    same time, give each worker its own pipeline and Composer. Two Composers on one pipeline
-    are refused (the second sees weights that are no longer the base's).
+    Composer are serialised; they may come from any thread (a thread other than the one that
+    made the Composer reads adapters through a registry handle of its own). Nothing can stop
+    another thread from running the pipeline *during* a switch, though, and it would see a
+    mix of two subsets: run generation and switching from one thread, or hold one lock of
+    your own around both. To serve different subsets at the same time, give each worker its
+    own pipeline and Composer. Two Composers on one pipeline are refused (the second sees
+    weights that are no longer the base's).
 
     Move the pipeline (``.to(device or dtype)``) before making its Composer, not after.
     """
@@ -72,6 +74,8 @@ class Composer:
         self._bases: dict[int, torch.Tensor] = {}
         self._active: dict[str, float] = {}
         self._lock = threading.RLock()
+        self._owner = threading.get_ident()
+        self._local = threading.local()
 
     @property
     def active(self) -> dict[str, float]:
@@ -83,7 +87,7 @@ class Composer:
         with self._lock:
             missing = [c for c in dict.fromkeys(concepts) if c not in self._plans]
             if missing:
-                self._keep(plan_merge(self._registry, missing, {}))
+                self._keep(plan_merge(self._registry_here(), missing, {}))
 
     def set(self, concepts: Sequence[str], scales: Mapping[str, float] | None = None) -> None:
         """Make the pipeline ``base + Σ scale·ΔW`` of exactly ``concepts`` (any order; scale 1
@@ -123,6 +127,16 @@ class Composer:
         self.restore()
 
     # -- internals -------------------------------------------------------------------------------
+    def _registry_here(self) -> Registry:
+        """The registry, opened again in a thread other than the one that made the Composer:
+        the embedded registry's SQLite connection belongs to the thread that opened it."""
+        if threading.get_ident() == self._owner:
+            return self._registry
+        here: Registry | None = getattr(self._local, "registry", None)
+        if here is None:
+            here = self._local.registry = _open(self._registry.location)
+        return here
+
     def _keep(self, plan: MergePlan) -> None:
         """Cache each of the plan's concepts alone, its tensors on the pipeline's device."""
         for width, basis in plan.bases.items():

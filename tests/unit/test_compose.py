@@ -3,7 +3,6 @@ dtypes, refusal of foreign adapters and pipelines, and the lock."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from blockctl.apply import plan_deltas
 from blockctl.compose import Composer, compose
 from blockctl.errors import InvalidInput, SlotConflict, ValidationFailed
 from blockctl.layout import layout_of, sha256_file
@@ -197,32 +197,51 @@ def test_a_token_the_base_already_has_is_refused_cleanly(tiny_base: Path, tmp_pa
     assert pipe.tokenizer is tokenizer and composer.active == {}
 
 
-def test_concurrent_switches_never_mix_subsets(reg: Registry, pipe: Any) -> None:
+def test_concurrent_switches_are_serialised(
+    reg: Registry, pipe: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow switch started first and a fast one started while it runs: with the lock the
+    fast one waits and wins whole; without it, it would finish first and the slow one would
+    overwrite only the targets it had not reached, leaving a mix of both subsets."""
+    import threading
+    import time
+
+    from blockctl import compose as module
+
+    pauses = {"slow": 0.004}
+
+    def paced(plan: Any) -> Any:
+        delta_of = plan_deltas(plan)
+        pause = pauses.get(threading.current_thread().name, 0.0)
+        return lambda key: (time.sleep(pause), delta_of(key))[1]
+
     composer = Composer(pipe, reg)
-    subsets = [["rex"], ["tabby", "vangogh"], ["rex", "vangogh"]]
-    composer.load(["rex", "tabby", "vangogh"])
-    expected = {}
-    for subset in subsets:
-        composer.set(subset)
-        expected[tuple(subset)] = target_weights(pipe, reg)
-    errors: list[BaseException] = []
-
-    def worker(i: int) -> None:
-        try:
-            for j in range(6):
-                composer.set(subsets[(i + j) % len(subsets)])
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    composer.load(["rex"])  # so the slow thread's time goes to the switch itself
+    composer.set(["tabby", "vangogh"])
+    want = target_weights(pipe, reg)
+    composer.restore()
+    monkeypatch.setattr(module, "plan_deltas", paced)
+    slow = threading.Thread(name="slow", target=composer.set, args=(["rex"],))
+    fast = threading.Thread(name="fast", target=composer.set, args=(["tabby", "vangogh"],))
+    slow.start()
+    time.sleep(0.01)
+    fast.start()
+    slow.join()
+    fast.join()
+    assert composer.active == {"tabby": 1.0, "vangogh": 1.0}
     final = target_weights(pipe, reg)
-    want = expected[tuple(composer.active)]  # slot order, as the subsets are written
     assert all(torch.equal(final[k], want[k]) for k in want)
+
+
+def test_concepts_can_be_loaded_from_another_thread(reg: Registry, pipe: Any) -> None:
+    """The embedded registry's SQLite connection belongs to the thread that opened it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    composer = Composer(pipe, reg)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(composer.set, ["rex", "vangogh"]).result()
+    assert composer.active == {"rex": 1.0, "vangogh": 1.0}
+    composer.restore()
 
 
 def test_use_takes_a_plan_of_the_same_layout(
