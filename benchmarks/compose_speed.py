@@ -18,7 +18,8 @@ With 15 and then 60 published rank-4 concepts, in one run:
 Timings of both contenders come from one process holding two copies of the pipeline, their
 switches and forwards interleaved, so the changing load of a shared machine hits both alike.
 Exactness: after ``restore`` every targeted weight equals the base's file (max |W − W_base|).
-One thread (``torch.set_num_threads(1)``). Usage::
+One thread (``torch.set_num_threads(1)``); wall and CPU time (``process_time``) are both
+recorded, the CPU time being the fairer measure on a machine other processes load. Usage::
 
     python benchmarks/compose_speed.py [--work /tmp/compose-bench] [--switches 20]
         [--forwards 3] [--device cpu|cuda]
@@ -57,7 +58,7 @@ from merge_speed import (  # noqa: E402 - the path above makes the sibling impor
 SUBSET_SIZES = (5, 15)
 LOADED = (15, 60)
 FORWARD_AT = 60  # loaded concepts when the forwards are timed (the stress case)
-LATENT = 64  # SD 1.5's 512×512 images
+LATENT = 64  # SD 1.5's 512×512 images (--latent changes it, for quick checks of the script)
 _CHILD = "import sys; sys.path.insert(0, 'benchmarks'); import compose_speed; compose_speed.child()"
 
 
@@ -94,27 +95,44 @@ def load_loras(pipe: Any, loras: Path, n: int) -> None:
         pipe.load_lora_weights(str(loras / f"{name}.safetensors"), adapter_name=name)
 
 
-def timed(device: str, fn: Any, *args: Any) -> float:
+def timed(device: str, fn: Any, *args: Any) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process). On a shared CPU the CPU time is the fairer
+    measure of work: waiting for a core another process holds is not counted."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn(*args)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+class Times:
+    """Wall and CPU seconds per label."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, list[float]] = {}
+        self.cpu: dict[str, list[float]] = {}
+
+    def add(self, label: str, measured: tuple[float, float]) -> None:
+        self.wall.setdefault(label, []).append(measured[0])
+        self.cpu.setdefault(label, []).append(measured[1])
+
+    def to_dict(self) -> dict[str, dict[str, list[float]]]:
+        return {"wall": self.wall, "cpu": self.cpu}
 
 
 class Forward:
-    """One UNet forward on fixed inputs (batch 1, 64×64 latents, 77 tokens), timed."""
+    """One UNet forward on fixed inputs (batch 1, latent×latent, 77 tokens), timed."""
 
-    def __init__(self, unet: Any, device: str) -> None:
+    def __init__(self, unet: Any, device: str, latent: int) -> None:
         gen = torch.Generator().manual_seed(0)
         self.unet, self.device = unet, device
-        self.x = torch.randn(1, 4, LATENT, LATENT, generator=gen).to(device, unet.dtype)
+        self.x = torch.randn(1, 4, latent, latent, generator=gen).to(device, unet.dtype)
         self.ctx = torch.randn(1, 77, 768, generator=gen).to(device, unet.dtype)
 
     @torch.no_grad()
-    def __call__(self) -> float:
+    def __call__(self) -> tuple[float, float]:
         return timed(self.device, self.unet, self.x, 500, self.ctx)
 
 
@@ -133,7 +151,14 @@ def restore_error(composer: Any, pipe: Any, base: Path) -> float:
 
 
 def child_timing(
-    base: Path, reg: str, loras: Path, n: int, switches: int, forwards: int, device: str
+    base: Path,
+    reg: str,
+    loras: Path,
+    n: int,
+    switches: int,
+    forwards: int,
+    device: str,
+    latent: int,
 ) -> dict[str, Any]:
     """Both contenders in one process, each on its own copy of the pipeline, interleaved."""
     from blockctl.compose import Composer
@@ -148,20 +173,18 @@ def child_timing(
     first = runs[SUBSET_SIZES[0]][0]
     composer.set(first)  # warm-ups, not timed
     theirs.set_adapters(first, [1.0] * len(first))
-    switch: dict[str, dict[str, list[float]]] = {"blockctl": {}, "diffusers": {}}
+    switch = Times()
     for k in SUBSET_SIZES:
-        mine = switch["blockctl"].setdefault(str(k), [])
-        other = switch["diffusers"].setdefault(str(k), [])
         for i, subset in enumerate(runs[k]):
             turns = [
-                (mine, composer.set, (subset,)),
-                (other, theirs.set_adapters, (subset, [1.0] * k)),
+                (f"blockctl_{k}", composer.set, (subset,)),
+                (f"diffusers_{k}", theirs.set_adapters, (subset, [1.0] * k)),
             ]
-            for times, fn, args in turns if i % 2 == 0 else turns[::-1]:
-                times.append(timed(device, fn, *args))
+            for label, fn, args in turns if i % 2 == 0 else turns[::-1]:
+                switch.add(label, timed(device, fn, *args))
     composer.restore()
     out: dict[str, Any] = {
-        "switch_seconds": switch,
+        "switch_seconds": switch.to_dict(),
         "restore_max_abs_error": restore_error(composer, ours, base),
         "restore_tokenizer_is_original": ours.tokenizer is tokenizer,
     }
@@ -169,20 +192,21 @@ def child_timing(
         dtype = torch.float32 if device == "cpu" else torch.float16  # see the module docstring
         ours.unet.to(dtype)
         theirs.unet.to(dtype)
-        mine_fwd, their_fwd = Forward(ours.unet, device), Forward(theirs.unet, device)
+        mine_fwd = Forward(ours.unet, device, latent)
+        their_fwd = Forward(theirs.unet, device, latent)
         mine_fwd()  # warm-ups
         their_fwd()
-        fwd: dict[str, list[float]] = {"base": []}
+        fwd = Times()
         for _ in range(forwards):
             composer.restore()
-            fwd["base"].append(mine_fwd())
+            fwd.add("base", mine_fwd())
             for k in SUBSET_SIZES:
                 composer.set(runs[k][0])
-                fwd.setdefault(f"blockctl_{k}", []).append(mine_fwd())
+                fwd.add(f"blockctl_{k}", mine_fwd())
                 theirs.set_adapters(runs[k][0], [1.0] * k)
-                fwd.setdefault(f"diffusers_{k}", []).append(their_fwd())
+                fwd.add(f"diffusers_{k}", their_fwd())
         composer.restore()
-        out["forward_seconds"] = fwd
+        out["forward_seconds"] = fwd.to_dict()
         out["forward_dtype"] = str(dtype).removeprefix("torch.")
     return out
 
@@ -216,9 +240,9 @@ def child() -> None:
     torch.set_num_threads(1)
     kind, *rest = sys.argv[1:]
     if kind == "timing":
-        base, reg, loras, n, switches, forwards, device = rest
+        base, reg, loras, n, switches, forwards, device, latent = rest
         report = child_timing(
-            Path(base), reg, Path(loras), int(n), int(switches), int(forwards), device
+            Path(base), reg, Path(loras), int(n), int(switches), int(forwards), device, int(latent)
         )
     else:
         base, where, n, device = rest
@@ -235,11 +259,11 @@ def summary(seconds: Sequence[float]) -> dict[str, float]:
     }
 
 
-def compare(switch: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+def compare(switch: dict[str, list[float]]) -> dict[str, Any]:
     """Switch-time summaries and how many times faster blockctl is (mean/mean, worst/worst)."""
     out = {}
     for k in SUBSET_SIZES:
-        ours, theirs = switch["blockctl"][str(k)], switch["diffusers"][str(k)]
+        ours, theirs = switch[f"blockctl_{k}"], switch[f"diffusers_{k}"]
         out[f"subset_{k}"] = {
             "blockctl": summary(ours),
             "diffusers_set_adapters": summary(theirs),
@@ -258,12 +282,14 @@ def forward_table(times: dict[str, list[float]]) -> dict[str, Any]:
         out[f"subset_{k}"] = {
             "blockctl": summary(ours),
             "diffusers_unfused": summary(theirs),
-            # best against best (the least disturbed repeats of a shared machine), means too
-            "blockctl_vs_base": round(min(ours) / min(base), 3),
+            "blockctl_vs_base_median": round(statistics.median(ours) / statistics.median(base), 3),
             "blockctl_vs_base_mean": round(statistics.fmean(ours) / statistics.fmean(base), 3),
-            "diffusers_vs_base": round(min(theirs) / min(base), 3),
+            "blockctl_vs_base_worst": round(max(ours) / max(base), 3),
+            "diffusers_vs_base_median": round(
+                statistics.median(theirs) / statistics.median(base), 3
+            ),
             "diffusers_vs_base_mean": round(statistics.fmean(theirs) / statistics.fmean(base), 3),
-            "diffusers_extra_seconds_per_forward": round(min(theirs) - min(base), 4),
+            "diffusers_vs_base_worst": round(max(theirs) / max(base), 3),
         }
     return out
 
@@ -303,6 +329,7 @@ def main() -> None:
     parser.add_argument("--switches", type=int, default=20)
     parser.add_argument("--forwards", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU run")
+    parser.add_argument("--latent", type=int, default=LATENT, help="latent side of the forwards")
     args = parser.parse_args()
     torch.set_num_threads(1)
     work: Path = args.work
@@ -332,7 +359,9 @@ def main() -> None:
     timing = {}
     for n in LOADED:
         forwards = args.forwards if n == FORWARD_AT else 0
-        timing[n] = run("timing", base, reg_path, loras, n, args.switches, forwards, dev)
+        timing[n] = run(
+            "timing", base, reg_path, loras, n, args.switches, forwards, dev, args.latent
+        )
     at = timing[FORWARD_AT]
     result = {
         "what": "switching concepts in one loaded SD-1.5-shaped fp16 pipeline (random weights, "
@@ -357,13 +386,20 @@ def main() -> None:
                 "dtype": at.get("forward_dtype"),
                 "note": "on a CPU the UNets are cast to float32 after the switching phase, "
                 "every variant alike (fp16 convolutions on a CPU are impractical)",
-                "latents": [1, 4, LATENT, LATENT],
+                "latents": [1, 4, args.latent, args.latent],
                 "text_tokens": 77,
                 "repeats": args.forwards,
             },
         },
-        "switch_seconds": {f"loaded_{n}": compare(t["switch_seconds"]) for n, t in timing.items()},
-        "forward_seconds": forward_table(at["forward_seconds"]) if args.forwards else {},
+        "switch_seconds": {
+            clock: {f"loaded_{n}": compare(t["switch_seconds"][clock]) for n, t in timing.items()}
+            for clock in ("wall", "cpu")
+        },
+        "forward_seconds": {
+            clock: forward_table(at["forward_seconds"][clock]) for clock in ("wall", "cpu")
+        }
+        if args.forwards
+        else {},
         "peak_rss_bytes": {
             "bare_pipeline": bare["peak_rss_bytes"],
             **{
