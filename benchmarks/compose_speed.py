@@ -196,15 +196,25 @@ def child_timing(
         their_fwd = Forward(theirs.unet, device, latent)
         mine_fwd()  # warm-ups
         their_fwd()
+
+        def variant(label: str) -> tuple[float, float]:
+            kind, _, size = label.partition("_")
+            if kind == "base":
+                composer.restore()
+                return mine_fwd()
+            if kind == "blockctl":
+                composer.set(runs[int(size)][0])
+                return mine_fwd()
+            theirs.set_adapters(runs[int(size)][0], [1.0] * int(size))
+            return their_fwd()
+
+        labels = ["base"] + [
+            f"{who}_{k}" for k in SUBSET_SIZES for who in ("blockctl", "diffusers")
+        ]
         fwd = Times()
-        for _ in range(forwards):
-            composer.restore()
-            fwd.add("base", mine_fwd())
-            for k in SUBSET_SIZES:
-                composer.set(runs[k][0])
-                fwd.add(f"blockctl_{k}", mine_fwd())
-                theirs.set_adapters(runs[k][0], [1.0] * k)
-                fwd.add(f"diffusers_{k}", their_fwd())
+        for r in range(forwards):  # interleaved, in an order rotated every round
+            for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+                fwd.add(label, variant(label))
         composer.restore()
         out["forward_seconds"] = fwd.to_dict()
         out["forward_dtype"] = str(dtype).removeprefix("torch.")
@@ -327,7 +337,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "compose-bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/compose_speed.json")
     parser.add_argument("--switches", type=int, default=20)
-    parser.add_argument("--forwards", type=int, default=3)
+    parser.add_argument("--forwards", type=int, default=6)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU run")
     parser.add_argument("--latent", type=int, default=LATENT, help="latent side of the forwards")
     args = parser.parse_args()
