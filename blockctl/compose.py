@@ -9,7 +9,7 @@ weight's dtype on its device. Nothing else in the pipeline is touched; after ``r
 pipeline is the base again, bit for bit. Denoising then runs at the base's speed: no adapter
 layers, nothing extra per step.
 
-    pipe = StableDiffusionPipeline.from_pretrained(base_folder, torch_dtype=torch.float16)
+    pipe = StableDiffusionPipeline.from_pretrained(base_folder, dtype=torch.float16).to("cuda")
     with compose(pipe, registry, ["rex", "brick"], scales={"rex": 0.8}):
         image = pipe("a photo of <rex> star on a <brick> background").images[0]
 

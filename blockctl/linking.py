@@ -9,8 +9,11 @@ Tried in order, the first the filesystem allows:
    survives the base being moved or deleted, and ``cp -r``, ``tar`` or ``upload_folder`` see
    ordinary files. The price: a program that rewrites the file *in place* (``save_pretrained``
    back into the merged folder truncates and rewrites) rewrites the base's file too;
-3. **symbolic link** (absolute, to the resolved file, e.g. a Hub cache blob) where hard links
-   cannot go (another filesystem): the same in-place caveat, and it dangles if the base goes;
+3. **symbolic link**, where hard links cannot go (another filesystem), but only to a Hub
+   cache blob: blobs are named by their content and never rewritten, so the link can dangle
+   (the cache cleaned) but never silently point at other bytes, as a link into an ordinary
+   folder could once its file is replaced (a new version of the package holding the toy
+   base, a user's edited base). The same in-place caveat as hard links;
 4. a plain **copy**.
 
 Hard links come before symbolic links because a merged folder that outlives or travels without
@@ -60,7 +63,16 @@ def _hardlink(src: Path, dst: Path) -> None:
 
 
 def _symlink(src: Path, dst: Path) -> None:
-    os.symlink(src.resolve(strict=True), dst)
+    target = src.resolve(strict=True)
+    if not is_hub_blob(target):
+        raise OSError(f"{target} is not content-addressed: a symbolic link could change meaning")
+    os.symlink(target, dst)
+
+
+def is_hub_blob(path: Path) -> bool:
+    """A file of the Hugging Face cache's content-addressed store (``models--org--name/blobs/``)."""
+    repo = path.parent.parent.name
+    return path.parent.name == "blobs" and repo.startswith(("models--", "datasets--", "spaces--"))
 
 
 class Placer:

@@ -34,6 +34,10 @@ def same_file(a: Path, b: Path) -> bool:
     return os.path.samefile(a, b)
 
 
+def refuse(*args: object, **kwargs: object) -> None:
+    raise OSError("not on this filesystem")
+
+
 def test_place_prefers_a_link_and_falls_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -43,17 +47,30 @@ def test_place_prefers_a_link_and_falls_back(
     assert first in ("reflink", "hardlink")  # this filesystem has one or the other
     assert (tmp_path / "a").read_bytes() == b"weights"
     assert same_file(src, tmp_path / "a") == (first == "hardlink")
+    monkeypatch.setattr(linking, "_reflink", refuse)
+    monkeypatch.setattr(os, "link", refuse)  # as across filesystems
+    # An ordinary file is copied, not symlinked: its bytes may be replaced later.
+    assert linking.place(src, tmp_path / "b") == "copy"
+    assert not (tmp_path / "b").is_symlink() and (tmp_path / "b").read_bytes() == b"weights"
 
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise OSError("not here")
 
+def test_symbolic_links_only_into_the_hub_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = tmp_path / "hub" / "models--org--base"
+    blob = repo / "blobs" / "3f2a"
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"vae")
+    snapshot = repo / "snapshots" / "abc" / "vae.safetensors"
+    snapshot.parent.mkdir(parents=True)
+    snapshot.symlink_to(Path("../../blobs/3f2a"))
     monkeypatch.setattr(linking, "_reflink", refuse)
     monkeypatch.setattr(os, "link", refuse)
-    assert linking.place(src, tmp_path / "b") == "symlink"
-    assert (tmp_path / "b").is_symlink() and Path(os.readlink(tmp_path / "b")) == src.resolve()
+    assert linking.place(snapshot, tmp_path / "c") == "symlink"
+    assert Path(os.readlink(tmp_path / "c")) == blob.resolve()
     monkeypatch.setattr(os, "symlink", refuse)
-    assert linking.place(src, tmp_path / "c") == "copy"
-    assert not same_file(src, tmp_path / "c") and (tmp_path / "c").read_bytes() == b"weights"
+    assert linking.place(snapshot, tmp_path / "d") == "copy"
+    assert (tmp_path / "d").read_bytes() == b"vae"
 
 
 def test_copy_forces_an_independent_file(tmp_path: Path) -> None:
