@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from blockctl.apply import Modules, deltas_applied
 from blockctl.base_model import resolve_base
-from blockctl.evaluate import EvalConfig, Probe, Subject, measure
+from blockctl.evaluate import EvalConfig, Probe, Subject, measure, renderer
 from blockctl.layout import layout_of
 from blockctl.train import loop
 from blockctl.train.config import lr_factor
@@ -160,10 +160,12 @@ def lora_row(
         return deltas_applied(base_modules, own_delta(concept, modules), [token_row])
 
     subjects = [Subject(c.name, i, c.token, c.class_word) for i, c in enumerate(concepts)]
-    probe = Probe(base_modules, base / "scheduler", EvalConfig())
+    config = EvalConfig()
+    probe = Probe(base_modules, base / "scheduler", config)
     in_merged = deltas_applied(base_modules, merged, rows)
-    metrics = measure(probe, base_modules, in_merged, alone, subjects)
-    return row(method, [c.name for c in concepts], metrics, merge_seconds)
+    render = renderer(base, config)
+    metrics, _ = measure(probe, base_modules, in_merged, alone, subjects, config.guidance, render)
+    return row(method, [c.name for c in concepts], metrics, merge_seconds, seed=seed)
 
 
 def base_dir(reg: Registry) -> Path:

@@ -73,7 +73,7 @@ CLIP_L: dict[str, Any] = {
 
 
 def _write_random(path: Path, shapes: dict[str, tuple[int, ...]], seed: int) -> None:
-    from blockctl.stream import Entry, StreamWriter
+    from blockctl.safetensors_io import Entry, StreamWriter
 
     gen = torch.Generator().manual_seed(seed)
     entries = [Entry(k, torch.float16, s) for k, s in sorted(shapes.items())]

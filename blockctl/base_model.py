@@ -12,11 +12,15 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 
+from blockctl.clip_names import spellings
 from blockctl.errors import InvalidInput, ValidationFailed
+
+if TYPE_CHECKING:
+    import torch
 
 TOY = "toy"
 # File stem of each component's weights in a diffusers folder.
@@ -123,10 +127,9 @@ class BaseFolder:
         return {}
 
     def stored_key(self, component: str, key: str) -> str:
-        """The key as this folder stores it: text encoders saved by transformers 4 prefix
-        every key with ``text_model.``, transformers 5 does not."""
+        """The key as this folder stores it, with or without ``text_model.`` (clip_names)."""
         tensors = self._tensors(component)
-        for candidate in (key, f"text_model.{key}", key.removeprefix("text_model.")):
+        for candidate in spellings(key):
             if candidate in tensors:
                 return candidate
         raise ValidationFailed(f"base has no tensor {component}.{key}")

@@ -22,11 +22,7 @@ from blockctl.errors import InvalidInput
 
 @dataclass(frozen=True)
 class ClipConfig:
-    model: Path
-    images: int = 4  # seeds per concept
-    steps: int = 20
-    guidance: float = 4.0
-    seed: int = 0
+    model: Path  # the images are eval's sample-identity images (EvalConfig: seeds, steps, guidance)
 
 
 class Clip:

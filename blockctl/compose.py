@@ -34,7 +34,7 @@ from blockctl.apply import Key, Modules, Overlay, plan_deltas
 from blockctl.base_model import BaseFolder, resolve_base
 from blockctl.errors import InvalidInput, ValidationFailed
 from blockctl.layout import Layout, layout_of
-from blockctl.merge import MergePlan, check_request, plan_merge
+from blockctl.merge.plan import MergePlan, check_request, plan_merge
 from registry.base import Registry
 
 

@@ -11,6 +11,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ from blockctl.errors import InvalidInput, ValidationFailed
 
 Say = Callable[[str], None]
 DEFAULT_CONCEPTS = ("rex", "brick", "vangogh")
+# A demo marks its OUT with this file; ``--force`` replaces only DEMO_ENTRIES, and only there.
+MARKER = ".blockctl-demo"
+DEMO_ENTRIES = ("registry", "photos", "runs", "merged", "samples.png", "summary.json")
 
 
 @dataclass(frozen=True)
@@ -55,17 +59,39 @@ def prompt_for(kind: str, token: str, class_word: str) -> str:
 
 
 def _prepare(config: DemoConfig) -> None:
+    """Make OUT ready. ``--force`` starts over only in a folder an earlier demo made (it holds
+    ``MARKER``), and then removes only the demo's own entries: anything else stays."""
     out = config.out
     if out.exists() and not out.is_dir():
         raise InvalidInput(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not config.force:
             raise InvalidInput(f"{out} is not empty", hint="use --force to start it over")
-        shutil.rmtree(out)
+        if not (out / MARKER).is_file():
+            raise InvalidInput(
+                f"{out} is not empty and was not made by blockctl demo; --force only replaces "
+                "a demo's own output",
+                hint="choose a new or empty folder",
+            )
+        for name in DEMO_ENTRIES:
+            _remove(out / name)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by blockctl demo; --force may replace its entries\n")
 
 
-def run_demo(config: DemoConfig, say: Say = print) -> DemoResult:
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()  # a link is removed, never what it points to
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+Progress = Callable[[str], AbstractContextManager[Any]]
+
+
+def run_demo(config: DemoConfig, say: Say = print, progress: Progress | None = None) -> DemoResult:
+    """Run the demo into ``config.out``. ``progress(label)``, if given, makes a context that
+    yields the trainer's progress callback for one concept (a live bar with its ETA)."""
     from blockctl.evaluate import EvalConfig, evaluate
     from blockctl.initialize import init_registry
     from blockctl.layout import layout_of
@@ -102,13 +128,13 @@ def run_demo(config: DemoConfig, say: Say = print) -> DemoResult:
             f"→ slot {rec.slot}; training…"
         )
         overrides = {"seed": config.seed} | ({"steps": config.steps} if config.steps else {})
-        result = train(
-            reg,
-            TrainRequest(
-                photos=photos, concept=name, out_dir=out / "runs" / name, overrides=overrides
-            ),
-            say=lambda _msg: None,
-        )
+        request = TrainRequest(
+            photos=photos, concept=name, out_dir=out / "runs" / name, overrides=overrides,
+            sample=False,  # the demo draws one grid of everything at the end
+        )  # fmt: skip
+        bar = progress(f"{name} {i}/{len(config.concepts)}") if progress else nullcontext(None)
+        with bar as report:
+            result = train(reg, request, say=lambda _msg: None, progress=report)
         timings[name] = round(result.seconds, 1)
         say(
             f"      trained {result.steps} steps in {result.seconds:.0f} s, "
@@ -129,14 +155,16 @@ def run_demo(config: DemoConfig, say: Say = print) -> DemoResult:
 
     metrics = [m.to_dict() for m in evaluate(reg, config.concepts, merged, EvalConfig())]
     say(
-        "[5/6] identity metrics (retention 1 = concept kept; "
-        "crosstalk/prior interference 0 = clean):"
+        "[5/6] identity metrics (retention and sample identity 1 = concept kept; "
+        "crosstalk and interference 0 = clean):"
     )
     for m in metrics:
+        identity = m.get("sample_identity")
         say(
             f"      {m['concept']:>8}: retention {m['retention']:.3f}  "
-            f"crosstalk {m['crosstalk']:.3f}  fidelity {m['fidelity']:.3f}  "
-            f"prior interference {m['prior_interference']:.3f}"
+            f"crosstalk {m['crosstalk']:.3f}  prior interference {m['prior_interference']:.3f}  "
+            f"empty prompt {m['empty_interference']:.3f}  sample identity "
+            + ("–" if identity is None else f"{identity:.2f}")
         )
 
     grid = out / "samples.png"

@@ -1,5 +1,8 @@
 """The layout: which modules of which base carry slots, how many slots of what rank, and the
 basis they are cut from. Fixed when a registry is created; every adapter is checked against it.
+
+Reading a layout needs no torch (``blockctl slots`` starts in a fraction of a second); the
+functions that draw, store or load tensors import it when called.
 """
 
 from __future__ import annotations
@@ -9,26 +12,25 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from safetensors.torch import save_file
-
-from blockctl import blocks
 from blockctl.base_model import BaseFolder
+from blockctl.clip_names import canonical_module
 from blockctl.errors import InvalidInput, ValidationFailed
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 1
 TOKEN_EMBEDDING_KEY = "embeddings.token_embedding.weight"
-
-TEXT_MODEL_PREFIX = "text_model."
 
 # Target presets (DESIGN section 2). Patterns match weight keys without ".weight".
 _UNET_ATTN = re.compile(r"^(.*\.attn[12])\.(to_q|to_k|to_v|to_out\.0)$")
 _UNET_CROSS_KV = re.compile(r"^(.*\.attn2)\.(to_k|to_v)$")
 _TEXT_ATTN = re.compile(r"^(encoder\.layers\.\d+\.self_attn)\.(q_proj|k_proj|v_proj|out_proj)$")
-PRESETS = {"attn": _UNET_ATTN, "cross-kv": _UNET_CROSS_KV}
-DEFAULT_PRESET = "cross-kv"
+Preset = Literal["cross-kv", "attn"]
+PRESETS: dict[Preset, re.Pattern[str]] = {"cross-kv": _UNET_CROSS_KV, "attn": _UNET_ATTN}
+DEFAULT_PRESET: Preset = "cross-kv"
 # Where the base came from is informational: moving a base folder keeps the layout.
 _UNHASHED = ("base",)
 
@@ -68,12 +70,6 @@ class Layout:
     @property
     def widths(self) -> list[int]:
         return sorted({t.in_features for t in self.targets})
-
-    def target(self, name: str) -> Target:
-        for t in self.targets:
-            if t.name == name:
-                return t
-        raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -129,18 +125,12 @@ def _match(base: BaseFolder, component: str, pattern: re.Pattern[str]) -> list[T
     return out
 
 
-def canonical_module(name: str) -> str:
-    """Module names as transformers 5 has them: CLIP checkpoints saved by transformers 4 (most
-    of the Hub) carry a ``text_model.`` prefix that newer versions drop when loading."""
-    return name.removeprefix(TEXT_MODEL_PREFIX)
-
-
 def fingerprint(base: BaseFolder, targets: tuple[Target, ...]) -> str:
     """sha256 over the targets' names, shapes and float32 weight bytes, so an adapter trained
     for one base is refused by another, even one with the same architecture."""
     digest = hashlib.sha256()
     for t in sorted(targets, key=lambda t: t.name):
-        weight = base.read(t.component, f"{t.module}.weight").to(torch.float32).contiguous()
+        weight = base.read(t.component, f"{t.module}.weight").float().contiguous()
         digest.update(f"{t.name}:{tuple(weight.shape)}\n".encode())
         digest.update(weight.numpy().tobytes())
     return digest.hexdigest()
@@ -169,6 +159,8 @@ def basis_key(width: int) -> str:
 
 
 def write_basis(bases: dict[int, torch.Tensor], path: Path) -> str:
+    from safetensors.torch import save_file
+
     save_file({basis_key(d): b.contiguous() for d, b in bases.items()}, str(path))
     return sha256_file(path)
 
@@ -186,6 +178,8 @@ def build_layout(
     basis_path: Path,
 ) -> Layout:
     """Inspect the base, check capacity, draw and write the basis, return the layout."""
+    from blockctl import blocks
+
     base = BaseFolder(base_dir)
     targets = find_targets(base, preset, text_encoder)
     try:

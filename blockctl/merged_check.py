@@ -9,7 +9,6 @@ merge record; the adapters must still be the ones it names (same sha256).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,19 +19,18 @@ from safetensors import safe_open
 
 from blockctl.adapter import load_adapter, token_key, up_key
 from blockctl.base_model import BaseFolder, resolve_base
+from blockctl.clip_names import canonical_module, prefixed_module
 from blockctl.errors import InvalidInput, ValidationFailed
 from blockctl.layout import (
     TOKEN_EMBEDDING_KEY,
     Layout,
     basis_key,
-    canonical_module,
     layout_of,
     sha256_file,
 )
+from blockctl.merge.record import read_record
 from registry.base import Registry
 
-RECORD_NAME = "blockctl_merge.json"  # same name the diffusers writer uses
-META_KEY = "blockctl.merge"
 # Relative error (max|merged − expected| / max|expected| per tensor) each dtype's rounding
 # stays within: float32 accumulates ~1e-7 per op, float16 rounds at 2^-11, bfloat16 at 2^-8.
 DEFAULT_TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 8e-3, "float64": 1e-9}
@@ -65,22 +63,6 @@ class MergedReport:
             "tensors_checked": self.checked,
             "problems": list(self.problems),
         }
-
-
-def read_record(path: Path) -> dict[str, Any]:
-    """The merge record a merged output carries (folder: a JSON file; file: metadata)."""
-    try:
-        if path.is_dir():
-            return dict(json.loads((path / RECORD_NAME).read_text()))
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-        return dict(json.loads(meta[META_KEY]))
-    except FileNotFoundError:
-        raise InvalidInput(f"{path} is not a blockctl merge output (no merge record)") from None
-    except KeyError:
-        raise InvalidInput(f"{path} is not a blockctl merge output (no merge record)") from None
-    except (OSError, ValueError) as exc:
-        raise ValidationFailed(f"{path}: unreadable merge record: {exc}") from exc
 
 
 class _Expected:
@@ -152,7 +134,10 @@ def check_merged(registry: Registry, path: Path, tolerance: float | None = None)
             dtypes.add(str(stored).removeprefix("torch."))
         if output == "lora":
             want = expected.delta(component, key)
-            assert want is not None
+            if want is None:
+                module = canonical_module(key.removesuffix(".weight"))
+                problems.append(f"{component}.{module} is not a target of this registry's layout")
+                continue
         else:
             want = base_tensor.double()
             delta = expected.delta(component, key)
@@ -186,7 +171,7 @@ def check_merged(registry: Registry, path: Path, tolerance: float | None = None)
 
 # (component, base key, merged tensor, base tensor, dtype the output stores it in)
 def _sidecar_error(path: Path, record: dict[str, Any], expected: _Expected) -> float | None:
-    from blockctl.formats.single_file import sidecar_path
+    from blockctl.merge.single_file import sidecar_path
 
     sidecar = sidecar_path(path)
     if not sidecar.is_file():
@@ -224,7 +209,7 @@ def _pairs(path: Path, output: str, base: BaseFolder) -> Iterator[Pair]:
 
 
 def _single_file_pairs(path: Path, base: BaseFolder) -> Iterator[Pair]:
-    from blockctl.formats.single_file import key_mapper
+    from blockctl.merge.single_file import key_mapper
 
     with safe_open(str(path), framework="pt") as handle:
         stored = set(handle.keys())
@@ -268,6 +253,8 @@ def _kohya_pairs(keys: set[str], base: BaseFolder) -> list[tuple[str, str, str]]
 def _kohya_module(flat: str, base: BaseFolder, component: str) -> str:
     for key in base.tensors(component):
         module = canonical_module(key.removesuffix(".weight"))
-        if module.replace(".", "_") == flat:
+        # Text encoder names come with ``text_model.`` (what clients expect) or, from
+        # earlier blockctl versions, without it.
+        if flat in (module.replace(".", "_"), prefixed_module(module).replace(".", "_")):
             return module
     raise ValidationFailed(f"kohya module {flat!r} matches no layer of the base")

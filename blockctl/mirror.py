@@ -9,10 +9,10 @@ release, so they stay burnt in the target too.
 
 What cannot be reproduced through the interface (reported, never guessed):
 - timestamps: the target records when IT reserved/published/released;
-- a released slot whose withdrawn adapter the source cannot hand out: only backends with
-  ``released_adapter_file`` (the Hub backend) can, so such a slot is skipped and stays free
-  in the target. The mirror never deletes or un-publishes anything in the target either.
-Running it again copies only what changed.
+- a released slot whose withdrawn adapter the source no longer holds (``released_adapter_file``
+  gives None): it is skipped, reported, and stays free in the target.
+The mirror never deletes or un-publishes anything in the target. Running it again copies only
+what changed.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ from typing import Any
 
 from blockctl.errors import InvalidInput, SlotConflict, ValidationFailed
 from blockctl.layout import sha256_file
-from registry.base import PUBLISHED, RELEASED, RESERVED, AdapterRecord, Registry, SlotRecord
+from registry.base import (
+    PUBLISHED,
+    RELEASED,
+    RESERVED,
+    AdapterRecord,
+    Registry,
+    SlotRecord,
+    fold,
+)
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,7 @@ def mirror(source: Registry, target: Registry) -> MirrorReport:
         if rec.status == PUBLISHED:
             adapter = (published[rec.concept], source.adapter_file(rec.concept))
         elif rec.status == RELEASED and (have is None or have.status != RELEASED):
-            adapter = _withdrawn(source, rec.concept)
+            adapter = source.released_adapter_file(rec.concept)
             if adapter is None:
                 notes.append(
                     f"slot {rec.slot} ({rec.concept}, released): {source.location} cannot hand "
@@ -119,15 +127,6 @@ def mirror(source: Registry, target: Registry) -> MirrorReport:
     )
 
 
-def _withdrawn(source: Registry, concept: str) -> tuple[AdapterRecord, Path] | None:
-    # not part of the Registry interface: only some backends keep withdrawn adapters readable
-    fetch = getattr(source, "released_adapter_file", None)
-    if fetch is None:
-        return None
-    got: tuple[AdapterRecord, Path] | None = fetch(concept)
-    return got
-
-
 def _check_sha(path: Path, expected: str, what: str) -> None:
     got = sha256_file(path)
     if got != expected:
@@ -151,15 +150,24 @@ def _check_same_layout(source: Registry, layout: dict[str, Any], target: Registr
 
 def _check_conflicts(src: list[SlotRecord], tgt: dict[str, SlotRecord], where: str) -> None:
     """Refuse before changing anything if the target holds the source's slots or names
-    differently."""
+    differently (names compared as the registries compare them, by ``fold``)."""
     by_slot = {r.slot: r for r in tgt.values()}
+    by_name = {fold(r.concept): r for r in tgt.values()}
+    by_token = {fold(r.token): r for r in tgt.values()}
     problems = []
     for rec in src:
         have = tgt.get(rec.concept)
         if have is None:
-            other = by_slot.get(rec.slot)
+            other = (
+                by_slot.get(rec.slot)
+                or by_name.get(fold(rec.concept))
+                or by_token.get(fold(rec.token))
+            )
             if other is not None:
-                problems.append(f"slot {rec.slot} holds {other.concept!r}, not {rec.concept!r}")
+                problems.append(
+                    f"slot {other.slot} holds {other.concept!r} (token {other.token!r}), which "
+                    f"clashes with {rec.concept!r} (slot {rec.slot}, token {rec.token!r})"
+                )
         elif (have.slot, have.token) != (rec.slot, rec.token):
             problems.append(
                 f"{rec.concept!r} is slot {have.slot} token {have.token!r} there, "

@@ -7,11 +7,15 @@ nothing; use ``Registry.create`` for that.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from blockctl.errors import InvalidInput
 from registry.base import AdapterRecord, Registry, SlotRecord
-from registry.local import LocalRegistry
+
+if TYPE_CHECKING:
+    from registry.local import LocalRegistry
 
 __all__ = ["AdapterRecord", "LocalRegistry", "Registry", "SlotRecord", "open_registry"]
 
@@ -27,4 +31,14 @@ def open_registry(location: str) -> Registry:
         return HubRegistry(location)
     if not location.strip():
         raise InvalidInput("the registry location is empty")
+    from registry.local import LocalRegistry  # sqlite-utils: only once a registry is opened
+
     return LocalRegistry(Path(location))
+
+
+def __getattr__(name: str) -> Any:
+    # ``blockctl --help`` imports this package (through registry.base) and never opens a
+    # registry: the SQLite backend loads on first use.
+    if name == "LocalRegistry":
+        return importlib.import_module("registry.local").LocalRegistry
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

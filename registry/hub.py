@@ -18,6 +18,10 @@ Reads go through huggingface_hub's cache (``hf_hub_download`` pinned to the head
 The last head, file listing and small records seen are also kept in a JSON file under
 ``$BLOCKCTL_CACHE_DIR`` (default ``~/.cache/blockctl``)``/hub/``, so that with
 ``HF_HUB_OFFLINE=1`` reads are answered from the cache and writes are refused.
+
+Every call to the Hub is bounded (``registry.hub_http``): a request waits at most
+``HubOptions.timeout_s`` (``$BLOCKCTL_HUB_TIMEOUT``, default 30 s) for the server, so a dead or
+stalled server ends the command with exit 5 instead of a hang.
 """
 
 from __future__ import annotations
@@ -35,11 +39,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote
 
 import httpx2
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, RepoFile, constants
 from huggingface_hub.errors import (
     HfHubHTTPError,
     LocalEntryNotFoundError,
@@ -49,31 +53,28 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from blockctl.errors import (
-    BlockctlError,
-    InvalidInput,
-    RegistryUnavailable,
-    SlotConflict,
-    ValidationFailed,
-)
-from blockctl.names import check_concept, check_word
+from blockctl.errors import BlockctlError, InvalidInput, RegistryUnavailable, SlotConflict
+from registry import hub_http
 from registry.base import (
     PUBLISHED,
     RELEASED,
     RESERVED,
+    SLOT_FIELDS,
     AdapterRecord,
     Registry,
     SlotRecord,
+    check_new_registry,
+    check_publish_input,
+    check_publishable,
+    check_release,
+    check_release_input,
     check_reservation,
-    check_slot_in_range,
-    concept_taken,
-    lowest_free_slot,
-    pool_exhausted,
-    slot_taken,
-    token_taken,
+    choose_slot,
+    published_adapter,
+    sha_mismatch,
     valid_slot_count,
 )
-from registry.hub_url import HubUrl, parse_hub_url
+from registry.hub_url import DEFAULT_BRANCH, HubUrl, parse_hub_url
 from registry.migrations import utc_now
 
 FORMAT = "blockctl-registry"
@@ -83,90 +84,47 @@ BASIS_FILE = "basis.safetensors"
 SLOTS_DIR = "slots"
 ADAPTERS_DIR = "adapters"
 CACHE_ENV = "BLOCKCTL_CACHE_DIR"
+TIMEOUT_ENV = "BLOCKCTL_HUB_TIMEOUT"
 STATE_VERSION = 1
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SLOT_FILE = re.compile(rf"^{SLOTS_DIR}/(\d+)\.json$")
-_SLOT_FIELDS = (
-    "slot",
-    "concept",
-    "token",
-    "class_word",
-    "owner",
-    "status",
-    "reserved_at",
-    "published_at",
-    "released_at",
-)
 _CHUNK = 1 << 20
 
 CommitOp = CommitOperationAdd | CommitOperationDelete
 
 
-class HubApi(Protocol):
-    """The part of ``huggingface_hub.HfApi`` this backend uses (tests pass a stand-in)."""
-
-    def repo_info(
-        self, repo_id: str, *, revision: str | None = ..., repo_type: str | None = ...
-    ) -> Any: ...
-
-    def list_repo_tree(
-        self,
-        repo_id: str,
-        path_in_repo: str | None = ...,
-        *,
-        recursive: bool = ...,
-        revision: str | None = ...,
-        repo_type: str | None = ...,
-    ) -> Iterable[Any]: ...
-
-    def hf_hub_download(
-        self,
-        repo_id: str,
-        filename: str,
-        *,
-        repo_type: str | None = ...,
-        revision: str | None = ...,
-        local_files_only: bool = ...,
-    ) -> Any: ...
-
-    def create_repo(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = ...,
-        repo_type: str | None = ...,
-        exist_ok: bool = ...,
-    ) -> Any: ...
-
-    def create_commit(
-        self,
-        repo_id: str,
-        operations: Iterable[Any],
-        *,
-        commit_message: str,
-        repo_type: str | None = ...,
-        revision: str | None = ...,
-        parent_commit: str | None = ...,
-    ) -> Any: ...
-
-
-def make_api() -> HubApi:
-    """The client every ``HubRegistry`` uses unless given one; token from the usual
-    huggingface_hub login or ``HF_TOKEN``. Tests monkeypatch this."""
+def make_api() -> HfApi:
+    """The client every ``HubRegistry`` uses unless given one: huggingface_hub's own, on
+    ``HF_ENDPOINT``, token from the usual login or ``HF_TOKEN``, its requests bounded."""
+    hub_http.install()
     return HfApi()
 
 
 @dataclass(frozen=True)
 class HubOptions:
-    max_tries: int = 8  # commits attempted per change before giving up as "busy"
+    max_tries: int = 12  # commits per change before "busy" (8 racing writers needed up to 6)
     backoff_s: float = 0.1  # first retry delay; doubles per try, jittered, capped
     backoff_cap_s: float = 2.0
     max_age_s: float = 5.0  # reads reuse the state seen this recently (writes never do)
     private: bool | None = None  # visibility of a repo that ``create`` makes (None: Hub default)
+    timeout_s: float = 30.0  # the longest wait for the server, per request (``hub_http``)
 
 
 DEFAULT_OPTIONS = HubOptions()  # what ``open_registry`` gets (tests patch in fast retries)
+
+
+def default_options() -> HubOptions:
+    """``DEFAULT_OPTIONS``, with the timeout from ``$BLOCKCTL_HUB_TIMEOUT`` (seconds) if set."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_OPTIONS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise InvalidInput(f"{TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
+    return replace(DEFAULT_OPTIONS, timeout_s=seconds)
 
 
 def offline() -> bool:
@@ -212,14 +170,14 @@ class HubRegistry(Registry):
         self,
         location: str | HubUrl,
         *,
-        api: HubApi | None = None,
+        api: HfApi | None = None,
         state_dir: Path | None = None,
         options: HubOptions | None = None,
         sleep: Callable[[float], None] | None = None,
     ) -> None:
         self.url = location if isinstance(location, HubUrl) else parse_hub_url(location)
         self.location = str(self.url)
-        self.options = options or DEFAULT_OPTIONS
+        self.options = options or default_options()
         self._api = api
         self._sleep = sleep or time.sleep
         self._state_file = (state_dir or cache_root() / "hub") / self._state_name()
@@ -235,7 +193,7 @@ class HubRegistry(Registry):
         return f"{u.repo_type}s/{u.repo_id}/{quote(u.branch, safe='')}.json"
 
     @property
-    def api(self) -> HubApi:
+    def api(self) -> HfApi:
         if self._api is None:
             self._api = make_api()
         return self._api
@@ -255,10 +213,12 @@ class HubRegistry(Registry):
 
     @contextlib.contextmanager
     def _calls(self) -> Iterator[None]:
-        """Turn huggingface_hub and network failures into one-line RegistryUnavailable."""
+        """Bound the Hub calls inside (``hub_http``), and turn huggingface_hub and network
+        failures into one-line RegistryUnavailable."""
         loc = self.location
         try:
-            yield
+            with hub_http.bounded(self.options.timeout_s):
+                yield
         except BlockctlError:
             raise
         except RepositoryNotFoundError as exc:
@@ -268,14 +228,17 @@ class HubRegistry(Registry):
         except RevisionNotFoundError:
             raise RegistryUnavailable(
                 f"{loc}: branch or revision {self.url.branch!r} does not exist",
-                hint="create the branch on the Hub first, or leave out @revision",
+                hint=f"{self._init_hint()} creates a registry on a new branch; or leave out "
+                "@revision",
             ) from None
         except RemoteEntryNotFoundError as exc:
             raise RegistryUnavailable(
                 f"the registry at {loc} changed while being read ({_first_line(exc)})",
                 hint="try again",
             ) from None
-        except LocalEntryNotFoundError:
+        except LocalEntryNotFoundError as exc:
+            if not offline():  # huggingface_hub says this when a download look-up failed
+                raise self._unreachable(exc.__cause__ or exc) from None
             raise RegistryUnavailable(
                 f"offline (HF_HUB_OFFLINE=1) and {loc} is not fully in the local cache",
                 hint="run the command once while online so the files get cached",
@@ -292,10 +255,19 @@ class HubRegistry(Registry):
                 hint="try again later" if status == 429 or status >= 500 else None,
             ) from None
         except (httpx2.TransportError, ConnectionError, TimeoutError) as exc:
-            raise RegistryUnavailable(
-                f"cannot reach the Hub for {loc}: {type(exc).__name__}: {exc}".rstrip(": "),
-                hint="check your network connection (HF_HUB_OFFLINE=1 reads from the cache)",
-            ) from None
+            raise self._unreachable(exc) from None
+
+    def _unreachable(self, exc: BaseException) -> RegistryUnavailable:
+        loc = self.location
+        if isinstance(exc, (httpx2.TimeoutException, hub_http.DeadlineExceeded, TimeoutError)):
+            return RegistryUnavailable(
+                f"the Hub did not answer within {self.options.timeout_s:g} s for {loc}",
+                hint=f"try again later, or allow more time with {TIMEOUT_ENV}=SECONDS",
+            )
+        return RegistryUnavailable(
+            f"cannot reach the Hub for {loc}: {type(exc).__name__}: {exc}".rstrip(": "),
+            hint="check your network connection (HF_HUB_OFFLINE=1 reads from the cache)",
+        )
 
     def _auth_error(self, exc: HfHubHTTPError) -> RegistryUnavailable:
         status = _status(exc)
@@ -318,14 +290,20 @@ class HubRegistry(Registry):
         return self._state
 
     def _save_state(self) -> None:
-        """Best effort: it is a cache, a failure to write it costs only offline reads."""
+        """Best effort: it is a cache, a failure to write it costs only offline reads. Written
+        to a temporary sibling and renamed, which is removed again if anything fails."""
         state = self._load_state()
         with contextlib.suppress(OSError):
             self._state_file.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self._state_file.parent)
-            with os.fdopen(fd, "w") as fh:
-                json.dump(state, fh)
-            os.replace(tmp, self._state_file)
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(state, fh)
+                os.replace(tmp, self._state_file)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
 
     # -- reading -------------------------------------------------------------------------------
     def _head(self) -> str:
@@ -338,8 +316,7 @@ class HubRegistry(Registry):
             items = self.api.list_repo_tree(
                 self.url.repo_id, recursive=True, revision=head, **self._kw()
             )
-            # folders carry no blob id worth keeping; files have ``size``
-            return {f.path: str(f.blob_id) for f in items if hasattr(f, "size")}
+            return {f.path: f.blob_id for f in items if isinstance(f, RepoFile)}
 
     def _download(self, path: str, head: str) -> Path:
         with self._calls():
@@ -443,12 +420,12 @@ class HubRegistry(Registry):
     def _entry(self, path: str, slot: int, blob_id: str, head: str) -> _Entry:
         doc = self._doc(path, blob_id, head)
         try:
-            record = SlotRecord(**{k: doc.get(k) for k in _SLOT_FIELDS})
+            record = SlotRecord(**{k: doc.get(k) for k in SLOT_FIELDS})
             adapter = doc.get("adapter")
             ok = (
                 record.slot == slot
                 and record.status in (RESERVED, PUBLISHED, RELEASED)
-                and all(isinstance(getattr(record, k), str) for k in _SLOT_FIELDS[1:7])
+                and all(isinstance(getattr(record, k), str) for k in SLOT_FIELDS[1:7])
                 and (adapter is None or isinstance(adapter, dict))
             )
             ad = AdapterRecord(concept=record.concept, slot=slot, **adapter) if adapter else None
@@ -533,7 +510,21 @@ class HubRegistry(Registry):
                 if _status(exc) == 412:
                     return False
                 raise
+            except httpx2.TransportError as exc:
+                if _sent_commit(exc):
+                    raise self._commit_unknown(exc) from None
+                raise
         return True
+
+    def _commit_unknown(self, exc: httpx2.TransportError) -> RegistryUnavailable:
+        """The commit request went out and no answer came back: the Hub may have applied it
+        (whole: commits are atomic) or not."""
+        why = "no answer in time" if isinstance(exc, httpx2.TimeoutException) else "connection lost"
+        return RegistryUnavailable(
+            f"the Hub stopped answering during the commit to {self.location} ({why}); the "
+            "change was made in full or not at all, and which is unknown",
+            hint=f"check with: blockctl --registry {self.location} slots",
+        )
 
     def _backoff(self, attempt: int) -> float:
         o = self.options
@@ -541,36 +532,24 @@ class HubRegistry(Registry):
 
     # -- creation and layout -------------------------------------------------------------------
     def create(self, layout: dict[str, Any], basis_file: Path) -> None:
-        if not isinstance(layout, dict):
-            raise InvalidInput("the layout must be a dict")
-        if not valid_slot_count(layout.get("slots")):
-            raise InvalidInput(
-                f"the layout needs a positive integer 'slots', got {layout.get('slots')!r}"
-            )
+        basis_file = check_new_registry(layout, basis_file)
         doc = {
             "format": FORMAT,
             "registry_schema_version": SCHEMA_VERSION,
             "created_at": utc_now(),
             "layout": layout,
         }
-        try:
-            layout_bytes = _json_bytes(doc)
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"the layout is not JSON-serialisable: {exc}") from exc
-        basis_file = Path(basis_file)
-        if not basis_file.is_file():
-            raise InvalidInput(f"basis file {basis_file} does not exist")
+        layout_bytes = _json_bytes(doc)
         self._writable()
         self._ensure_repo()
 
         def plan(snap: _Snapshot) -> tuple[list[CommitOp], str, None]:
-            files = snap.files
+            files = _registry_files(snap.files)
             if LAYOUT_FILE in files:
                 raise InvalidInput(f"a registry already exists at {self.location}")
-            ours = [p for p in files if p == BASIS_FILE or p.startswith(("slots/", "adapters/"))]
-            if ours:
+            if files:
                 raise InvalidInput(
-                    f"{self.location} is not empty (it has {ours[0]})",
+                    f"{self.location} is not empty (it has {files[0]})",
                     hint="create the registry in a new repo",
                 )
             ops: list[CommitOp] = [
@@ -582,16 +561,36 @@ class HubRegistry(Registry):
         self._change(plan, raw=True)
 
     def _ensure_repo(self) -> None:
-        try:
-            with self._calls():
-                self.api.repo_info(self.url.repo_id, revision=self.url.branch, **self._kw())
-            return
-        except RegistryUnavailable as exc:
-            if not exc.message.startswith("no registry at"):
-                raise
+        """Make the repo, and the branch, if they do not exist yet. A new branch starts at
+        the head of the repo's default branch, so it is refused (before anything is made) when
+        that holds registry files: the branch would start as a copy of that registry."""
+        u = self.url
         with self._calls():
-            self.api.create_repo(
-                self.url.repo_id, private=self.options.private, exist_ok=True, **self._kw()
+            try:
+                self.api.repo_info(u.repo_id, revision=u.branch, **self._kw())
+                return
+            except RevisionNotFoundError:
+                pass  # the repo is there, the branch is not
+            except RepositoryNotFoundError as exc:
+                if _status(exc) in (401, 403):
+                    raise
+                self.api.create_repo(
+                    u.repo_id, private=self.options.private, exist_ok=True, **self._kw()
+                )
+                if u.branch == DEFAULT_BRANCH:
+                    return
+            start = str(self.api.repo_info(u.repo_id, **self._kw()).sha)
+            tree = self.api.list_repo_tree(u.repo_id, recursive=True, revision=start, **self._kw())
+            inherited = _registry_files([f.path for f in tree if isinstance(f, RepoFile)])
+            if inherited:
+                raise InvalidInput(
+                    f"cannot create branch {u.branch!r} of {u.repo_id} for a new registry: it "
+                    f"would start as a copy of the default branch, which holds {inherited[0]}",
+                    hint="create the registry in another repo, or make the branch yourself "
+                    "from a commit without registry files",
+                )
+            self.api.create_branch(
+                u.repo_id, branch=u.branch, revision=start, exist_ok=True, **self._kw()
             )
 
     def layout(self) -> dict[str, Any]:
@@ -613,17 +612,7 @@ class HubRegistry(Registry):
 
         def plan(snap: _Snapshot) -> tuple[list[CommitOp], str, SlotRecord]:
             n = snap.n_slots
-            check_slot_in_range(slot, n)
-            records = [e.record for e in snap.entries]
-            _check_names_free(records, concept, token)
-            if slot is None:
-                taken = {r.slot for r in records}
-                chosen = lowest_free_slot(taken, n)
-                if chosen is None:
-                    raise _exhausted(records, n)
-            else:
-                _check_slot_free(records, slot)
-                chosen = slot
+            chosen = choose_slot([e.record for e in snap.entries], n, concept, token, slot)
             path = _slot_path(chosen, n)
             if path in snap.files:  # never overwrite a slot file, whatever it holds
                 raise SlotConflict(f"slot {chosen} is taken ({path} exists)")
@@ -645,25 +634,12 @@ class HubRegistry(Registry):
     def release(self, concept: str, owner: str | None = None) -> SlotRecord:
         """See ``Registry.release``: a never-published slot file is deleted, a published one
         is kept, marked released (the slot stays burnt)."""
-        check_concept(concept)
-        if owner is not None:
-            check_word("owner", owner)
+        check_release_input(concept, owner)
 
         def plan(snap: _Snapshot) -> tuple[list[CommitOp], str, SlotRecord]:
             entry = snap.by_concept(concept)
-            if entry is None:
-                raise SlotConflict(f"concept {concept!r} has no reserved slot")
-            held = entry.record
-            if held.status == RELEASED:
-                raise SlotConflict(
-                    f"concept {concept!r} was already released (slot {held.slot} stays retired)"
-                )
-            if owner is not None and owner != held.owner:
-                raise SlotConflict(
-                    f"concept {concept!r} in slot {held.slot} is held by owner {held.owner}, "
-                    f"not {owner}",
-                    hint=f"ask {held.owner} to release it",
-                )
+            held = check_release(entry.record if entry else None, concept, owner)
+            assert entry is not None
             done = replace(held, status=RELEASED, released_at=utc_now())
             op: CommitOp
             if held.status == RESERVED:
@@ -680,13 +656,7 @@ class HubRegistry(Registry):
 
     # -- adapters ----------------------------------------------------------------------------
     def publish(self, concept: str, file: Path, sha256: str) -> AdapterRecord:
-        check_concept(concept)
-        sha = str(sha256).lower()
-        if not _SHA256.match(sha):
-            raise InvalidInput(f"sha256 must be 64 hex digits, got {sha256!r}")
-        file = Path(file)
-        if not file.is_file():
-            raise InvalidInput(f"adapter file {file} does not exist")
+        file, sha = check_publish_input(concept, file, sha256)
         self._writable()
         _publishable(self._snapshot(fresh=True), concept)  # fail fast, before copying
         with tempfile.TemporaryDirectory(prefix="blockctl-publish-") as tmp:
@@ -694,10 +664,7 @@ class HubRegistry(Registry):
             copy_path = Path(tmp) / f"{concept}.safetensors"
             size, got = _copy_hashing(file, copy_path)
             if got != sha:
-                raise ValidationFailed(
-                    f"adapter file {file} has sha256 {got}, not the {sha} it was validated with",
-                    hint="the file changed after validation; validate it again",
-                )
+                raise sha_mismatch(file, got, sha)
             path = f"{ADAPTERS_DIR}/{concept}.safetensors"
 
             def plan(snap: _Snapshot) -> tuple[list[CommitOp], str, AdapterRecord]:
@@ -732,21 +699,14 @@ class HubRegistry(Registry):
     def adapter_file(self, concept: str) -> Path:
         snap = self._snapshot()
         entry = snap.by_concept(concept)
-        if entry is None or entry.adapter is None:
-            raise SlotConflict(f"concept {concept!r} has no published adapter")
-        if entry.record.status == RELEASED:
-            raise SlotConflict(
-                f"concept {concept!r} was released from slot {entry.record.slot}; "
-                "its adapter is withdrawn"
-            )
-        return self._fetch(entry.adapter.path, snap)
+        held, adapter = (entry.record, entry.adapter) if entry else (None, None)
+        return self._fetch(published_adapter(held, adapter, concept).path, snap)
 
     def released_adapter_file(self, concept: str) -> tuple[AdapterRecord, Path] | None:
-        """The withdrawn adapter of a released concept (kept in the repo), for ``mirror``
-        to reproduce a burnt slot; None if the concept was never published."""
+        """The withdrawn adapter of a released concept: it stays in the repo."""
         snap = self._snapshot()
         entry = snap.by_concept(concept)
-        if entry is None or entry.adapter is None:
+        if entry is None or entry.adapter is None or entry.record.status != RELEASED:
             return None
         return entry.adapter, self._fetch(entry.adapter.path, snap)
 
@@ -787,37 +747,27 @@ def _slot_bytes(record: SlotRecord, adapter: AdapterRecord | None) -> bytes:
 
 def _publishable(snap: _Snapshot, concept: str) -> _Entry:
     entry = snap.by_concept(concept)
-    if entry is None:
-        raise SlotConflict(
-            f"concept {concept!r} has no reserved slot",
-            hint=f"blockctl reserve-slot {concept} --class-word WORD",
-        )
-    if entry.record.status == RELEASED:
-        raise SlotConflict(
-            f"concept {concept!r} was released from slot {entry.record.slot} and cannot be "
-            "published again"
-        )
+    check_publishable(entry.record if entry else None, concept)
+    assert entry is not None
     return entry
 
 
-def _check_names_free(records: list[SlotRecord], concept: str, token: str) -> None:
-    held = next((r for r in records if r.concept.casefold() == concept.casefold()), None)
-    if held is not None:
-        raise concept_taken(held, concept)
-    held = next((r for r in records if r.token.casefold() == token.casefold()), None)
-    if held is not None:
-        raise token_taken(held, token)
+def _registry_files(paths: Iterable[str]) -> list[str]:
+    """The paths among ``paths`` that a registry writes (layout first, if there)."""
+    folders = (f"{SLOTS_DIR}/", f"{ADAPTERS_DIR}/")
+    ours = [p for p in paths if p in (LAYOUT_FILE, BASIS_FILE) or p.startswith(folders)]
+    return sorted(ours, key=lambda p: (p != LAYOUT_FILE, p))
 
 
-def _check_slot_free(records: list[SlotRecord], slot: int) -> None:
-    held = next((r for r in records if r.slot == slot), None)
-    if held is not None:
-        raise slot_taken(held, slot)
-
-
-def _exhausted(records: list[SlotRecord], n: int) -> SlotConflict:
-    counts = {s: sum(r.status == s for r in records) for s in (RESERVED, PUBLISHED, RELEASED)}
-    return pool_exhausted(n, counts)
+def _sent_commit(exc: httpx2.TransportError) -> bool:
+    """Whether the failed request was the commit itself, sent (not the preupload before it,
+    and not one that never reached the server)."""
+    if isinstance(exc, (httpx2.ConnectError, httpx2.ConnectTimeout, hub_http.DeadlineExceeded)):
+        return False
+    try:
+        return "/commit/" in exc.request.url.path
+    except RuntimeError:  # no request attached: assume the worst
+        return True
 
 
 def _copy_hashing(src: Path, dst: Path) -> tuple[int, str]:
@@ -831,4 +781,4 @@ def _copy_hashing(src: Path, dst: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-__all__ = ["SCHEMA_VERSION", "HubApi", "HubOptions", "HubRegistry", "make_api", "offline"]
+__all__ = ["SCHEMA_VERSION", "HubOptions", "HubRegistry", "default_options", "make_api", "offline"]

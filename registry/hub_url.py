@@ -47,10 +47,6 @@ class HubUrl:
         return f"{PREFIX}{kind}{self.repo_id}{rev}"
 
 
-def is_hub_url(location: str) -> bool:
-    return str(location).startswith(PREFIX)
-
-
 def parse_hub_url(location: str) -> HubUrl:
     """Parse a registry location; anything else is InvalidInput naming the expected form."""
     location = str(location).strip()

@@ -7,9 +7,9 @@ Folder layout::
     <root>/adapters/<sha256[:2]>/<sha256>.safetensors adapter files, content-addressed
 
 Uniqueness of slot, concept and token is enforced by the database (primary key and UNIQUE
-indexes, the latter also case-insensitive), and every change runs in one ``BEGIN IMMEDIATE``
-transaction, so concurrent processes can never be handed the same slot. Every method either
-does all of its work or leaves the registry as it was.
+indexes, names also by their ``registry.base.fold`` keys), and every change runs in one
+``BEGIN IMMEDIATE`` transaction, so concurrent processes can never be handed the same slot.
+Every method either does all of its work or leaves the registry as it was.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import copy
 import hashlib
 import json
 import os
-import re
 import shutil
 import sqlite3
 import tempfile
@@ -30,28 +29,26 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from blockctl.errors import (
-    BlockctlError,
-    InvalidInput,
-    RegistryUnavailable,
-    SlotConflict,
-    ValidationFailed,
-)
-from blockctl.names import check_concept, check_word
+from blockctl.atomic import Staged
+from blockctl.errors import BlockctlError, InvalidInput, RegistryUnavailable, SlotConflict
 from registry.base import (
     PUBLISHED,
     RELEASED,
     RESERVED,
+    SLOT_FIELDS,
     AdapterRecord,
     Registry,
     SlotRecord,
+    check_new_registry,
+    check_publish_input,
+    check_publishable,
+    check_release,
+    check_release_input,
     check_reservation,
-    check_slot_in_range,
-    concept_taken,
-    lowest_free_slot,
-    pool_exhausted,
-    slot_taken,
-    token_taken,
+    choose_slot,
+    fold,
+    published_adapter,
+    sha_mismatch,
     valid_slot_count,
 )
 from registry.migrations import (
@@ -70,25 +67,13 @@ STAGING_NAME = ".blockctl-creating"
 BUSY_TIMEOUT_S = 60.0
 TABLES = ("layout", "slots", "adapters", "events")
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
-_SLOT_FIELDS = (
-    "slot",
-    "concept",
-    "token",
-    "class_word",
-    "owner",
-    "status",
-    "reserved_at",
-    "published_at",
-    "released_at",
-)
-_SLOT_COLS = ", ".join(_SLOT_FIELDS)
+_SLOT_COLS = ", ".join(SLOT_FIELDS)
 _ADAPTER_FIELDS = ("concept", "slot", "sha256", "size", "path", "published_at")
 
 
 def _slot_record(row: Mapping[str, Any]) -> SlotRecord:
-    return SlotRecord(**{k: row[k] for k in _SLOT_FIELDS})
+    return SlotRecord(**{k: row[k] for k in SLOT_FIELDS})
 
 
 def _adapter_record(row: Mapping[str, Any]) -> AdapterRecord:
@@ -289,19 +274,8 @@ class LocalRegistry(Registry):
 
     # -- creation and layout -------------------------------------------------------------------
     def create(self, layout: dict[str, Any], basis_file: Path) -> None:
-        if not isinstance(layout, dict):
-            raise InvalidInput("the layout must be a dict")
-        if not valid_slot_count(layout.get("slots")):
-            raise InvalidInput(
-                f"the layout needs a positive integer 'slots', got {layout.get('slots')!r}"
-            )
-        try:
-            layout_json = json.dumps(layout, sort_keys=True)
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"the layout is not JSON-serialisable: {exc}") from exc
-        basis_file = Path(basis_file)
-        if not basis_file.is_file():
-            raise InvalidInput(f"basis file {basis_file} does not exist")
+        basis_file = check_new_registry(layout, basis_file)
+        layout_json = json.dumps(layout, sort_keys=True)
 
         root = self.root
         if root.exists():
@@ -433,18 +407,8 @@ class LocalRegistry(Registry):
     ) -> SlotRecord:
         check_reservation(concept, token, class_word, owner, slot)
         n = self._n_slots()
-        check_slot_in_range(slot, n)
-
         with self._tx() as db:
-            self._check_names_free(db, concept, token)
-            if slot is None:
-                taken = {r[0] for r in db.execute("SELECT slot FROM slots")}
-                chosen = lowest_free_slot(taken, n)
-                if chosen is None:
-                    raise self._exhausted(db, n)
-            else:
-                self._check_slot_free(db, slot)
-                chosen = slot
+            chosen = choose_slot(self._records(db), n, concept, token, slot)
             rec = SlotRecord(
                 slot=chosen,
                 concept=concept,
@@ -457,13 +421,21 @@ class LocalRegistry(Registry):
             try:
                 db.execute(
                     "INSERT INTO slots (slot, concept, token, class_word, owner, status, "
-                    "reserved_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [chosen, concept, token, class_word, owner, RESERVED, rec.reserved_at],
+                    "reserved_at, concept_key, token_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        chosen,
+                        concept,
+                        token,
+                        class_word,
+                        owner,
+                        RESERVED,
+                        rec.reserved_at,
+                        fold(concept),
+                        fold(token),
+                    ],
                 )
             except sqlite3.IntegrityError as exc:
-                # The checks above run under the write lock, so this is a safety net only.
-                self._check_names_free(db, concept, token)
-                self._check_slot_free(db, chosen)
+                # choose_slot ran under the write lock, so this is a safety net only.
                 raise SlotConflict(
                     f"cannot reserve slot {chosen} for concept {concept!r}: {exc}"
                 ) from exc
@@ -477,31 +449,17 @@ class LocalRegistry(Registry):
             )
         return rec
 
-    def _check_names_free(self, db: Database, concept: str, token: str) -> None:
-        row = db.execute(
-            f"SELECT {_SLOT_COLS} FROM slots WHERE concept = ? COLLATE NOCASE", [concept]
-        ).fetchone()
-        if row is not None:
-            raise concept_taken(self._row(db, row), concept)
-        row = db.execute(
-            f"SELECT {_SLOT_COLS} FROM slots WHERE token = ? COLLATE NOCASE", [token]
-        ).fetchone()
-        if row is not None:
-            raise token_taken(self._row(db, row), token)
-
-    def _check_slot_free(self, db: Database, slot: int) -> None:
-        row = db.execute(f"SELECT {_SLOT_COLS} FROM slots WHERE slot = ?", [slot]).fetchone()
-        if row is not None:
-            raise slot_taken(self._row(db, row), slot)
-
-    def _exhausted(self, db: Database, n: int) -> SlotConflict:
-        counts = dict(db.execute("SELECT status, count(*) FROM slots GROUP BY status").fetchall())
-        return pool_exhausted(n, counts)
+    @staticmethod
+    def _records(db: Database) -> list[SlotRecord]:
+        """Every slot record (at most one per slot, so never many), by slot."""
+        rows = db.execute(f"SELECT {_SLOT_COLS} FROM slots ORDER BY slot").fetchall()
+        return [SlotRecord(*row) for row in rows]
 
     @staticmethod
-    def _row(db: Database, row: tuple[Any, ...]) -> SlotRecord:
-        # a row of SELECT {_SLOT_COLS}
-        return SlotRecord(*row)
+    def _held(db: Database, concept: str) -> SlotRecord | None:
+        """The record of exactly ``concept`` (names are looked up as given)."""
+        row = db.execute(f"SELECT {_SLOT_COLS} FROM slots WHERE concept = ?", [concept]).fetchone()
+        return None if row is None else SlotRecord(*row)
 
     def _event(
         self,
@@ -528,26 +486,9 @@ class LocalRegistry(Registry):
     def release(self, concept: str, owner: str | None = None) -> SlotRecord:
         """See ``Registry.release``. For a never-published concept the row is deleted; the
         record returned is the last state, with status ``released`` and ``released_at``."""
-        check_concept(concept)
-        if owner is not None:
-            check_word("owner", owner)
+        check_release_input(concept, owner)
         with self._tx() as db:
-            row = db.execute(
-                f"SELECT {_SLOT_COLS} FROM slots WHERE concept = ?", [concept]
-            ).fetchone()
-            if row is None:
-                raise SlotConflict(f"concept {concept!r} has no reserved slot")
-            held = self._row(db, row)
-            if held.status == RELEASED:
-                raise SlotConflict(
-                    f"concept {concept!r} was already released (slot {held.slot} stays retired)"
-                )
-            if owner is not None and owner != held.owner:
-                raise SlotConflict(
-                    f"concept {concept!r} in slot {held.slot} is held by owner {held.owner}, "
-                    f"not {owner}",
-                    hint=f"ask {held.owner} to release it",
-                )
+            held = check_release(self._held(db, concept), concept, owner)
             now = utc_now()
             if held.status == RESERVED:
                 db.execute("DELETE FROM slots WHERE concept = ?", [concept])
@@ -571,63 +512,38 @@ class LocalRegistry(Registry):
     def slot_for(self, concept: str) -> SlotRecord:
         db = self._read()
         with self._guard():
-            rows = list(db.query(f"SELECT {_SLOT_COLS} FROM slots WHERE concept = ?", [concept]))
-        if rows:
-            return _slot_record(rows[0])
-        return super().slot_for(concept)  # raises the standard SlotConflict
+            held = self._held(db, concept)
+        return held if held is not None else super().slot_for(concept)  # raises no_slot
 
     # -- adapters -----------------------------------------------------------------------------
     def _blob_relpath(self, sha256: str) -> str:
         return f"{ADAPTERS_DIR}/{sha256[:2]}/{sha256}.safetensors"
 
-    def _publishable(self, db: Database, concept: str) -> SlotRecord:
-        row = db.execute(f"SELECT {_SLOT_COLS} FROM slots WHERE concept = ?", [concept]).fetchone()
-        if row is None:
-            raise SlotConflict(
-                f"concept {concept!r} has no reserved slot",
-                hint=f"blockctl reserve-slot {concept} --class-word WORD",
-            )
-        held = self._row(db, row)
-        if held.status == RELEASED:
-            raise SlotConflict(
-                f"concept {concept!r} was released from slot {held.slot} and cannot be "
-                "published again"
-            )
-        return held
-
     def publish(self, concept: str, file: Path, sha256: str) -> AdapterRecord:
-        check_concept(concept)
-        sha = str(sha256).lower()
-        if not _SHA256.match(sha):
-            raise InvalidInput(f"sha256 must be 64 hex digits, got {sha256!r}")
-        file = Path(file)
-        if not file.is_file():
-            raise InvalidInput(f"adapter file {file} does not exist")
+        file, sha = check_publish_input(concept, file, sha256)
         db = self._read()
         with self._guard():
-            self._publishable(db, concept)  # fail fast, before copying anything
+            check_publishable(self._held(db, concept), concept)  # fail fast, before copying
 
         rel = self._blob_relpath(sha)
         final = self.root / rel
         folder = final.parent
         folder_created = not folder.exists()
-        tmp: Path | None = None
+        tmp: Staged | None = None
         placed = False  # blob newly placed by us and not yet committed
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            tmp, size, got = _copy_hashing(file, folder, sha)
+            tmp = Staged(final)
+            size, got = _copy_hashing(file, tmp.temp)
             if got != sha:
-                raise ValidationFailed(
-                    f"adapter file {file} has sha256 {got}, not the {sha} it was validated with",
-                    hint="the file changed after validation; validate it again",
-                )
+                raise sha_mismatch(file, got, sha)
             with self._tx() as db:
-                held = self._publishable(db, concept)  # again, under the write lock
+                held = check_publishable(self._held(db, concept), concept)  # under the lock
                 old = db.execute(
                     "SELECT sha256 FROM adapters WHERE concept = ?", [concept]
                 ).fetchone()
                 placed = not final.exists()
-                os.replace(tmp, final)
+                tmp.install()
                 tmp = None
                 now = utc_now()
                 db.execute(
@@ -652,7 +568,7 @@ class LocalRegistry(Registry):
             placed = False
         except BaseException:
             if tmp is not None:
-                tmp.unlink(missing_ok=True)
+                tmp.discard()
             if placed:
                 final.unlink(missing_ok=True)
             if folder_created:
@@ -685,22 +601,26 @@ class LocalRegistry(Registry):
             )
             return [_adapter_record(r) for r in rows]
 
-    def adapter_file(self, concept: str) -> Path:
+    def _adapter(self, concept: str) -> tuple[SlotRecord | None, AdapterRecord | None]:
         db = self._read()
         with self._guard():
-            row = db.execute(
-                "SELECT a.path, s.status, s.slot FROM adapters a "
-                "JOIN slots s ON s.concept = a.concept WHERE a.concept = ?",
-                [concept],
-            ).fetchone()
-        if row is None:
-            raise SlotConflict(f"concept {concept!r} has no published adapter")
-        rel, status, slot = row
-        if status == RELEASED:
-            raise SlotConflict(
-                f"concept {concept!r} was released from slot {slot}; its adapter is withdrawn"
-            )
-        path = self.root / rel
+            held = self._held(db, concept)
+            rows = list(db.query("SELECT * FROM adapters WHERE concept = ?", [concept]))
+        return held, (_adapter_record(rows[0]) if rows else None)
+
+    def adapter_file(self, concept: str) -> Path:
+        return self._stored(published_adapter(*self._adapter(concept), concept))
+
+    def released_adapter_file(self, concept: str) -> tuple[AdapterRecord, Path] | None:
+        """The adapter of a released concept: its row and blob are kept (never collected)."""
+        held, adapter = self._adapter(concept)
+        if held is None or held.status != RELEASED or adapter is None:
+            return None
+        return adapter, self._stored(adapter)
+
+    def _stored(self, adapter: AdapterRecord) -> Path:
+        concept = adapter.concept
+        path = self.root / adapter.path
         if not path.is_file():
             raise RegistryUnavailable(
                 f"the stored adapter of concept {concept!r} is missing ({path})",
@@ -709,24 +629,16 @@ class LocalRegistry(Registry):
         return path
 
 
-def _copy_hashing(src: Path, folder: Path, sha: str) -> tuple[Path, int, str]:
-    """Copy ``src`` to a temp file in ``folder`` (same file system as the final name, so the
-    later ``os.replace`` is atomic), hashing it on the way. Returns (temp, size, sha256)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{sha[:16]}.", suffix=".tmp", dir=folder)
-    tmp = Path(name)
-    try:
-        digest = hashlib.sha256()
-        size = 0
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            while chunk := inp.read(_CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp, size, digest.hexdigest()
+def _copy_hashing(src: Path, dest: Path) -> tuple[int, str]:
+    """Copy ``src`` to the new file ``dest``, hashing it on the way: (size, sha256)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(dest, "xb") as out, open(src, "rb") as inp:
+        while chunk := inp.read(_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    os.chmod(dest, 0o644)
+    return size, digest.hexdigest()

@@ -107,6 +107,44 @@ def m001_initial(db: Database) -> None:
     )
 
 
+@migration
+def m002_folded_name_keys(db: Database) -> None:
+    """Name uniqueness by ``registry.base.fold`` (Unicode-aware, the Hub backend's rule too)
+    instead of ``COLLATE NOCASE``, which folds ASCII only: each slot row stores its folded
+    concept and token, UNIQUE-indexed, and a row without them is refused."""
+    from registry.base import fold
+
+    db.execute("ALTER TABLE slots ADD COLUMN concept_key TEXT")
+    db.execute("ALTER TABLE slots ADD COLUMN token_key TEXT")
+    seen: dict[str, set[str]] = {"concept": set(), "token": set()}
+    rows = db.execute("SELECT slot, concept, token FROM slots ORDER BY slot").fetchall()
+    for slot, concept, token in rows:
+        keys = {}
+        for column, name in (("concept", concept), ("token", token)):
+            key = fold(name)
+            if key in seen[column]:
+                # Two names the old rule let through but the new one calls the same: both
+                # stay (records are never dropped); the later one's key gets its slot number
+                # ('/' never occurs in a name), and new names still clash with the first.
+                key = f"{key}/{slot}"
+            seen[column].add(key)
+            keys[column] = key
+        db.execute(
+            "UPDATE slots SET concept_key = ?, token_key = ? WHERE slot = ?",
+            [keys["concept"], keys["token"], slot],
+        )
+    db.execute("DROP INDEX slots_concept_nocase")
+    db.execute("DROP INDEX slots_token_nocase")
+    db.execute("CREATE UNIQUE INDEX slots_concept_key ON slots(concept_key)")
+    db.execute("CREATE UNIQUE INDEX slots_token_key ON slots(token_key)")
+    # ALTER TABLE cannot add NOT NULL columns to existing rows; a trigger enforces it instead.
+    db.execute(
+        "CREATE TRIGGER slots_keys_required BEFORE INSERT ON slots "
+        "WHEN NEW.concept_key IS NULL OR NEW.token_key IS NULL "
+        "BEGIN SELECT RAISE(ABORT, 'slots.concept_key and slots.token_key are required'); END"
+    )
+
+
 # -- new migrations go above this line ------------------------------------------------------
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -141,12 +179,6 @@ def _check_known(names: list[str]) -> None:
     unknown = [n for n in names if n not in names_known]
     if unknown:
         raise NewerSchemaError(unknown)
-
-
-def schema_version(db: Database) -> int:
-    names = applied(db)
-    _check_known(names)
-    return len(names)
 
 
 def migrate(db: Database) -> list[str]:

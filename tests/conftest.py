@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,36 @@ from blockctl.adapter import AdapterMeta, token_key, up_key, write_adapter
 from blockctl.initialize import init_registry
 from blockctl.layout import Layout, layout_of
 from registry import Registry, open_registry
+
+pytest_plugins = ["tests.support.hub_fixtures"]  # the test Hub: ``hub_server``, ``hub``
+
+# What the caller's environment must not decide (a test may still set them)
+_CALLER_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+               "HF_ENDPOINT", "HF_HUB_CACHE", "HF_TOKEN_PATH", "HF_OIDC_RESOURCE")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own HF_HOME, XDG data/cache homes and blockctl cache, and none of
+    the caller's Hub settings or BLOCKCTL_* variables; huggingface_hub read some of them at
+    import, so its constants are reset too."""
+    from huggingface_hub import constants
+
+    home = tmp_path_factory.mktemp("env")
+    for name in [*_CALLER_ENV, *(k for k in os.environ if k.startswith("BLOCKCTL_"))]:
+        monkeypatch.delenv(name, raising=False)
+    for name, sub in (("HF_HOME", "hf"), ("XDG_DATA_HOME", "data"), ("XDG_CACHE_HOME", "cache"),
+                      ("BLOCKCTL_CACHE_DIR", "blockctl-cache")):  # fmt: skip
+        monkeypatch.setenv(name, str(home / sub))
+    endpoint = constants._HF_DEFAULT_ENDPOINT
+    for attr, value in {
+        "HF_HUB_OFFLINE": False, "ENDPOINT": endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HOME": str(home / "hf"), "HF_HUB_CACHE": str(home / "hf" / "hub"),
+        "HF_TOKEN_PATH": str(home / "hf" / "token"),
+        "HF_STORED_TOKENS_PATH": str(home / "hf" / "stored_tokens"),
+    }.items():  # fmt: skip
+        monkeypatch.setattr(constants, attr, value)
 
 
 @pytest.fixture(scope="session")

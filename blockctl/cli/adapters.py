@@ -10,7 +10,6 @@ from rich.table import Table
 from blockctl.cli.common import JSON_OPTION, console, emit_json, open_registry
 from blockctl.errors import ValidationFailed
 from blockctl.layout import layout_of, sha256_file
-from blockctl.verify import check_for_publish, verify_registry
 
 
 def publish(
@@ -19,6 +18,8 @@ def publish(
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Validate an adapter against the registry, then store it in its concept's slot."""
+    from blockctl.verify import check_for_publish
+
     reg = open_registry(ctx)
     layout = layout_of(reg)
     adapter = check_for_publish(file, layout, reg)
@@ -56,6 +57,8 @@ def verify(
 
         verify_merged(ctx, merged, tolerance, json_out)
         return
+    from blockctl.verify import verify_registry
+
     reg = open_registry(ctx)
     report = verify_registry(reg, layout_of(reg))
     if json_out:

@@ -8,8 +8,6 @@ import typer
 from rich.table import Table
 
 from blockctl.cli.common import JSON_OPTION, console, emit_json, open_registry
-from blockctl.clip_score import ClipConfig
-from blockctl.evaluate import EvalConfig, evaluate
 
 
 def eval_command(
@@ -20,8 +18,15 @@ def eval_command(
     merged: Path = typer.Option(
         None, "--merged", help="Merged diffusers folder; default: merge exactly CONCEPTS in memory."
     ),
-    samples: int = typer.Option(4, "--samples", min=1, help="Noised latents per prompt."),
-    seed: int = typer.Option(0, "--seed", help="Seed of latents, noises and timesteps."),
+    samples: int = typer.Option(16, "--samples", min=1, help="Noised latents per prompt."),
+    seed: int = typer.Option(0, "--seed", help="Seed of latents, noises, timesteps and images."),
+    guidance: float = typer.Option(
+        4.0, "--guidance", min=0.0, help="Guidance of the guided figures and of the images."
+    ),
+    images: int = typer.Option(
+        4, "--images", min=0, help="Images per concept for sample identity and CLIP (0: none)."
+    ),
+    sample_steps: int = typer.Option(20, "--sample-steps", min=1, help="Sampler steps per image."),
     clip: Path = typer.Option(
         None,
         "--clip",
@@ -29,48 +34,64 @@ def eval_command(
         "alignment (merged vs the concept alone, same seeds) and text alignment (merged image vs "
         "'a photo of a {class}').",
     ),
-    clip_images: int = typer.Option(4, "--clip-images", min=1, help="Images per concept for CLIP."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Measure how well each concept keeps its identity in a merged model.
 
     retention 1 = all of the concept's own change survives; crosstalk 0 = the other concepts
-    add nothing on its prompts; fidelity 1 = both; prior interference 0 = "a photo of a
-    {class}" is untouched by the merge; prior drift = the same for the concept alone.
+    add nothing on its prompts; prior interference 0 = "a photo of a {class}" is untouched by
+    the merge; empty 0 = nor is the empty prompt (which guidance amplifies); "guided" = the same
+    on the guided prediction a sampler uses; sample identity 1 = the merged model's images of
+    the concept match the concept-alone model's (same seeds), 0 = no closer than the base's.
+    Figures are ratios to the concept's own change ‖δ‖²; means and worst cases close the table.
     """
+    from blockctl.clip_score import ClipConfig
+    from blockctl.evaluate import EvalConfig, evaluate, summarize
+
     reg = open_registry(ctx)
+    config = EvalConfig(
+        samples=samples, seed=seed, guidance=guidance, images=images, sample_steps=sample_steps
+    )
     with console.status("Evaluating…"):
-        clip_config = None if clip is None else ClipConfig(clip, images=clip_images, seed=seed)
-        rows = evaluate(reg, concepts, merged, EvalConfig(samples=samples, seed=seed), clip_config)
+        rows = evaluate(reg, concepts, merged, config, None if clip is None else ClipConfig(clip))
+    summary = summarize(rows)
     if json_out:
-        emit_json([r.to_dict() for r in rows])
+        emit_json({"concepts": [r.to_dict() for r in rows], "summary": summary})
         return
+    columns = [c for c in COLUMNS if any(getattr(r, c[0]) is not None for r in rows)]
     table = Table(
         title=f"identity metrics ({'merged: ' + str(merged) if merged else 'in-memory merge'})"
     )
-    cols: tuple[str, ...] = (
-        "concept",
-        "slot",
-        "retention",
-        "crosstalk",
-        "fidelity",
-        "prior interf.",
-        "prior drift",
-        "‖δ‖²",
-    )
-    if clip is not None:
-        cols = (*cols, "CLIP image", "CLIP text")
-    for col in cols:
-        table.add_column(col, justify="left" if col == "concept" else "right")
-    for r in rows:
-        cells = [
-            r.concept, str(r.slot), f"{r.retention:.3f}", f"{r.crosstalk:.3f}", f"{r.fidelity:.3f}",
-            f"{r.prior_interference:.3f}", f"{r.prior_drift:.3f}", f"{r.delta_sq:.2e}",
-        ]  # fmt: skip
-        if clip is not None:
-            cells += [f"{r.clip_image_alignment:.3f}", f"{r.clip_text_alignment:.3f}"]
-        table.add_row(*cells)
+    table.add_column("concept")
+    table.add_column("slot", justify="right")
+    for _, title, _ in columns:
+        table.add_column(title, justify="right")
+    for i, r in enumerate(rows):
+        cells = [_cell(getattr(r, key), fmt) for key, _, fmt in columns]
+        table.add_row(r.concept, str(r.slot), *cells, end_section=i == len(rows) - 1)
+    for which in ("mean", "worst"):
+        cells = [_cell(summary.get(key, {}).get(which), fmt) for key, _, fmt in columns]
+        table.add_row(f"[bold]{which}[/]", "", *cells)
     console.print(table)
+
+
+# (field, column title, number format)
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("retention", "retention", ".3f"),
+    ("crosstalk", "crosstalk", ".3f"),
+    ("prior_interference", "prior interf.", ".3f"),
+    ("empty_interference", "empty interf.", ".3f"),
+    ("guided_crosstalk", "guided crosstalk", ".3f"),
+    ("guided_prior_interference", "guided prior", ".3f"),
+    ("sample_identity", "sample identity", ".3f"),
+    ("clip_image_alignment", "CLIP image", ".3f"),
+    ("clip_text_alignment", "CLIP text", ".3f"),
+    ("delta_sq", "‖δ‖²", ".2e"),
+)
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
 
 
 def register(app: typer.Typer) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from blockctl.cli.common import JSON_OPTION, console, emit_json, open_registry
+from blockctl.merge.choices import DEFAULT_FORMAT, DEFAULT_LORA_KEYS, LoraKeyStyle, MergeFormat
 
 
 def merge(
@@ -15,12 +17,14 @@ def merge(
         None, help="Published concepts to merge.", show_default=False
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the merged output."),
-    fmt: str = typer.Option(
-        "diffusers",
-        "--format",
-        "-f",
-        help="diffusers (pipeline folder), single-file (original SD layout) or lora.",
-    ),
+    fmt: Annotated[
+        MergeFormat,
+        typer.Option(
+            "--format",
+            "-f",
+            help="diffusers (pipeline folder), single-file (original SD layout) or lora.",
+        ),
+    ] = DEFAULT_FORMAT,
     dtype: str = typer.Option(
         None,
         "--dtype",
@@ -33,9 +37,14 @@ def merge(
         help="NAME=FLOAT: strength of one concept (default 1.0). Repeatable.",
         show_default=False,
     ),
-    lora_keys: str = typer.Option(
-        "peft", "--lora-keys", help="Key style of --format lora: peft (diffusers) or kohya."
-    ),
+    lora_keys: Annotated[
+        LoraKeyStyle,
+        typer.Option(
+            "--lora-keys",
+            help="Key style of --format lora: kohya (read by diffusers, ComfyUI, AUTOMATIC1111) "
+            "or peft (diffusers' own save_lora_weights keys).",
+        ),
+    ] = DEFAULT_LORA_KEYS,
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT atomically."),
     copy: bool = typer.Option(False, "--copy", help="Copy unchanged files instead of linking."),
     json_out: bool = JSON_OPTION,
@@ -102,4 +111,7 @@ def verify_merged(ctx: typer.Context, path: Path, tolerance: float | None, json_
                 highlight=False,
             )
     if not report.ok:
-        raise ValidationFailed(f"{path} does not match base + Σ ΔW within {report.tolerance:.0e}")
+        why = "".join(f"; {problem}" for problem in report.problems)
+        raise ValidationFailed(
+            f"{path} does not match base + Σ ΔW within {report.tolerance:.0e}{why}"
+        )

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import getpass
 import os
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from blockctl.base_model import TOY
 from blockctl.cli.common import JSON_OPTION, console, emit_json, open_registry, settings
-from blockctl.initialize import init_registry
-from blockctl.layout import DEFAULT_PRESET, PRESETS, layout_of
+from blockctl.layout import DEFAULT_PRESET, Preset, layout_of
 from blockctl.names import check_concept, check_token, check_word, default_token
 
 OWNER_ENV = "BLOCKCTL_OWNER"
@@ -30,11 +30,14 @@ def init(
         16, "--slots", "-n", help="Number of slots N (N·rank ≤ narrowest target)."
     ),
     rank: int = typer.Option(4, "--rank", help="Rank r of one slot."),
-    targets: str = typer.Option(
-        DEFAULT_PRESET,
-        "--targets",
-        help=f"Target preset: {', '.join(sorted(PRESETS))} (cross-kv = cross-attention to_k/to_v).",
-    ),
+    targets: Annotated[
+        Preset,
+        typer.Option(
+            "--targets",
+            help="Target preset: cross-kv = the UNet's cross-attention to_k/to_v, attn = every "
+            "UNet attention projection.",
+        ),
+    ] = DEFAULT_PRESET,
     text_encoder: bool = typer.Option(
         False, "--text-encoder", help="Also put slots on the CLIP text encoder's attention."
     ),
@@ -43,6 +46,8 @@ def init(
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Create a registry bound to one base model and slot layout."""
+    from blockctl.initialize import init_registry
+
     reg = open_registry(ctx)
     with console.status("Reading the base and drawing the basis…"):
         layout = init_registry(

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import shlex
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
 import typer
 
@@ -17,16 +15,16 @@ from blockctl.cli.common import (
     err_console,
     open_registry,
     settings,
+    training_progress,
 )
 from blockctl.names import check_concept
+from blockctl.train.config import MixedPrecision, RoeLatents, Schedule, TrainConfig
 
 DEFAULT_RUNS = Path("blockctl-runs")
 
 
 def _default(name: str) -> str:
     """Shown in --help; read from TrainConfig so help and behaviour never disagree."""
-    from blockctl.train.config import TrainConfig
-
     return str(getattr(TrainConfig, name))
 
 
@@ -59,9 +57,10 @@ def train(
     warmup_steps: int = typer.Option(
         None, "--warmup-steps", help="LR warmup.", show_default=_default("warmup_steps")
     ),
-    schedule: str = typer.Option(
-        None, "--schedule", help="constant, cosine or linear.", show_default=_default("schedule")
-    ),
+    schedule: Annotated[
+        Schedule | None,
+        typer.Option("--schedule", help="LR schedule.", show_default=_default("schedule")),
+    ] = None,
     roe: bool = typer.Option(
         None, "--roe/--no-roe", help="Randomized Output Erasure.", show_default="on"
     ),
@@ -77,19 +76,60 @@ def train(
     roe_batch_size: int = typer.Option(
         None, "--roe-batch-size", help="Erasure prompts per step.", show_default="half the batch"
     ),
-    roe_latents: str = typer.Option(
-        None,
-        "--roe-latents",
-        help="Latents the erasure prompts are asked on: concept (the photos), random "
-        "(Gaussian), or mixed.",
-        show_default=_default("roe_latents"),
-    ),
+    roe_latents: Annotated[
+        RoeLatents | None,
+        typer.Option(
+            "--roe-latents",
+            help="Latents the erasure prompts are asked on: concept (the photos), random "
+            "(Gaussian), or mixed.",
+            show_default=_default("roe_latents"),
+        ),
+    ] = None,
     token_isolation: float = typer.Option(
         None,
         "--token-isolation",
         help="Weight of the penalty that keeps the learnt token's effect on the prompt "
         "encoding out of other slots' subspaces (0 = off).",
         show_default=_default("token_isolation"),
+    ),
+    token_norm_bound: float = typer.Option(
+        None,
+        "--token-norm-bound",
+        help="Keep the learnt token's norm within this multiple of the vocabulary's largest "
+        "row norm (0 = unbounded).",
+        show_default=_default("token_norm_bound"),
+    ),
+    roe_standin: float = typer.Option(
+        None,
+        "--roe-standin",
+        help="Share of erasure prompts holding random stand-in tokens where another "
+        "concept's token would sit.",
+        show_default=_default("roe_standin"),
+    ),
+    roe_standin_offset: float = typer.Option(
+        None,
+        "--roe-standin-offset",
+        help="A stand-in's random offset from its vocabulary row, × that row's norm.",
+        show_default=_default("roe_standin_offset"),
+    ),
+    roe_empty: float = typer.Option(
+        None,
+        "--roe-empty",
+        help="Share of erasure prompts that are the empty prompt (what guidance subtracts).",
+        show_default=_default("roe_empty"),
+    ),
+    strength_target: float = typer.Option(
+        None,
+        "--strength-target",
+        help="Stop once the concept's learning strength (probe ‖δ‖²) reaches this; --steps is "
+        "then the most a slow learner takes (0 = train exactly --steps).",
+        show_default=_default("strength_target"),
+    ),
+    min_steps: int = typer.Option(
+        None,
+        "--min-steps",
+        help="Fewest steps before --strength-target may stop training.",
+        show_default=_default("min_steps"),
     ),
     seed: int = typer.Option(
         None, "--seed", help="Seed of every random draw.", show_default=_default("seed")
@@ -100,12 +140,14 @@ def train(
         help="Save a checkpoint every N steps.",
         show_default=_default("checkpoint_every"),
     ),
-    mixed_precision: str = typer.Option(
-        None,
-        "--mixed-precision",
-        help="no, bf16 or fp16 (GPU).",
-        show_default=_default("mixed_precision"),
-    ),
+    mixed_precision: Annotated[
+        MixedPrecision | None,
+        typer.Option(
+            "--mixed-precision",
+            help="Mixed precision (bf16, fp16: GPU only).",
+            show_default=_default("mixed_precision"),
+        ),
+    ] = None,
     out: Path = typer.Option(
         None, "--out", "-o", help="Run folder.", show_default="./blockctl-runs/CONCEPT"
     ),
@@ -145,6 +187,12 @@ def train(
         roe_batch_size=roe_batch_size,
         roe_latents=roe_latents,
         token_isolation=token_isolation,
+        token_norm_bound=token_norm_bound,
+        roe_standin=roe_standin,
+        roe_standin_offset=roe_standin_offset,
+        roe_empty=roe_empty,
+        strength_target=strength_target,
+        min_steps=min_steps,
         seed=seed,
         checkpoint_every=checkpoint_every,
         mixed_precision=mixed_precision,
@@ -182,8 +230,10 @@ def train(
     def say(message: str) -> None:
         err_console.print(message, highlight=False, markup=False)
 
-    with _progress(json_out) as report:
+    with training_progress(json_out) as report:
         result = run_training(registry, request, say=say, progress=report)
+    if not result.main_process:
+        return  # one report per run: the main process's
     if json_out:
         emit_json(result.to_dict())
         return
@@ -195,44 +245,6 @@ def train(
         + (f"\nsamples {result.grid}" if result.grid else ""),
         highlight=False,
     )
-
-
-@contextmanager
-def _progress(quiet: bool) -> Iterator[Any]:
-    """A rich progress bar on stderr with loss and ETA; none for ``--json`` or off a terminal."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    if quiet or not err_console.is_terminal:
-        yield None
-        return
-    bar = Progress(
-        TextColumn("training"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=False,
-    )
-    task = None
-
-    def report(step: int, total: int, loss: float) -> None:
-        nonlocal task
-        if task is None:
-            task = bar.add_task("train", total=total, completed=step - 1, loss=loss)
-        bar.update(task, completed=step, loss=loss)
-
-    with bar:
-        yield report
 
 
 def register(app: typer.Typer) -> None:

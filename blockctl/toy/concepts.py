@@ -315,3 +315,33 @@ def render_concept(name: str, n: int, seed: int = 0) -> list[tuple[Image.Image, 
         img, caption = _render_one(name, rng)
         out.append((Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), caption))
     return out
+
+
+def with_and_without(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One scene with concept ``name`` and the same scene without it (float32 HxWx3): a subject
+    or person against the world's own shape of its class in a world colour at the same place, a
+    scene against an ordinary world background behind the same shape, a style against the
+    unstyled image. For validating a distance that must see the concept (sample_identity.py)."""
+    rng = np.random.default_rng([seed, *name.encode(), 1])
+    if name in _SUBJECTS:
+        bg, _ = _bg(rng)
+        cx, cy, r = _place(rng)
+        with_it, without = bg.copy(), bg.copy()
+        _SUBJECTS[name][0](with_it, cx, cy, r, rng)
+        colour = list(COLOR_RGB)[rng.integers(len(COLOR_RGB))]
+        _paint(without, shape_mask(CONCEPTS[name].class_word, cx, cy, r), COLOR_RGB[colour])
+        return with_it, without
+    if name in _SCENES:
+        with_it = _SCENES[name][0](rng)
+        without, _ = _bg(rng)
+        scene = random_scene(rng)
+        if scene.shape is not None and scene.color is not None:
+            m = shape_mask(scene.shape, scene.cx, scene.cy, scene.r)
+            for img in (with_it, without):
+                img[m] = np.asarray(COLOR_RGB[scene.color], np.float32)
+        return with_it, without
+    scene = random_scene(rng)
+    while scene.shape is None:
+        scene = random_scene(rng)
+    plain = render_scene(scene, rng).astype(np.float32)
+    return _STYLES[name][0](plain.copy(), rng), plain

@@ -24,6 +24,8 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from blockctl.atomic import atomic_write
+
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 
@@ -260,18 +262,22 @@ def _write_vocab_files(tokenizer: CLIPTokenizer, directory: Path) -> None:
 def save_pipeline(
     pipe: StableDiffusionPipeline, path: str | Path, dtype: torch.dtype | None = None
 ) -> Path:
-    """Save as safetensors (never pickles); ``dtype`` (e.g. float16) casts the copy on disk."""
+    """Save as safetensors (never pickles) into a new or empty folder ``path``, atomically;
+    ``dtype`` (e.g. float16) casts the copy on disk. Anything else at ``path`` is refused."""
     out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder")
     original = pipe.unet.dtype
-    if dtype is not None:
-        pipe.to(dtype=dtype)
-    try:
-        pipe.save_pretrained(out, safe_serialization=True)
-    finally:
+    with atomic_write(out) as staged:
         if dtype is not None:
-            pipe.to(dtype=original)  # the caller's pipeline is left as it was
-    _write_vocab_files(pipe.tokenizer, out / "tokenizer")
-    stray = [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
-    for p in stray:  # belt and braces: nothing pickled ever ships
-        p.unlink()
+            pipe.to(dtype=dtype)
+        try:
+            pipe.save_pretrained(staged.temp, safe_serialization=True)
+        finally:
+            if dtype is not None:
+                pipe.to(dtype=original)  # the caller's pipeline is left as it was
+        _write_vocab_files(pipe.tokenizer, staged.temp / "tokenizer")
+        pickles = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+        for p in [p for p in staged.temp.rglob("*") if p.suffix in pickles]:
+            p.unlink()  # belt and braces: nothing pickled ever ships
     return out

@@ -8,10 +8,8 @@ leaves a half-written checkpoint that ``--resume`` could pick up.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from blockctl.atomic import atomic_write, remove
 from blockctl.errors import InvalidInput
 
 STATE_FILE = "state.safetensors"
@@ -74,18 +73,12 @@ def save(
     groups = [_jsonable(g) for g in optimizer_state["param_groups"]]
     document = {"format": FORMAT, "step": step, **meta, "param_groups": groups}
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        save_file(tensors, str(tmp / STATE_FILE))
-        (tmp / META_FILE).write_text(json.dumps(document, indent=1, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_write(final) as staged:
+        staged.temp.mkdir()
+        save_file(tensors, str(staged.temp / STATE_FILE))
+        (staged.temp / META_FILE).write_text(json.dumps(document, indent=1, sort_keys=True))
     for old in _complete(root)[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
     return final
 
 
@@ -128,5 +121,10 @@ def _jsonable(group: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def clear(out_dir: Path) -> None:
-    """Forget a previous run's checkpoints (a fresh run must not resume into them later)."""
-    shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)
+    """Forget a previous run's checkpoints (a fresh run must not resume into them later).
+    Only the checkpoints go: anything else in the folder is not blockctl's to delete."""
+    root = checkpoint_dir(out_dir)
+    for path in _complete(root):
+        remove(path)
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only if nothing else is left in it

@@ -114,12 +114,17 @@ class StepModel(nn.Module):
             isolation = foreign_share(cond.float() - before.float(), self.foreign)
         if erasure is None:
             return StepOutput(self.unet(noisy, timesteps, cond).sample, None, None, isolation)
-        with torch.no_grad(), self.adapter.slots_disabled():
-            base_cond = self.encode(erasure.ids)
-            target = self.unet(erasure.noisy, erasure.timesteps, base_cond).sample
-        # Without text-encoder slots the erasure prompts encode the same with or without the
-        # adapter (the learnt token is never among them), so the no-grad encoding is reused.
-        roe_cond = self.encode(erasure.ids) if self.text_slots else base_cond
+        embedding = self.adapter.embedding
+        embedding.set_scratch(erasure.standins)  # the stand-in tokens' rows, if any
+        try:
+            with torch.no_grad(), self.adapter.slots_disabled():
+                base_cond = self.encode(erasure.ids)
+                target = self.unet(erasure.noisy, erasure.timesteps, base_cond).sample
+            # Without text-encoder slots the erasure prompts encode the same with or without
+            # the adapter (the learnt token is never among them): the no-grad encoding is reused.
+            roe_cond = self.encode(erasure.ids) if self.text_slots else base_cond
+        finally:
+            embedding.set_scratch(None)
         both = self.unet(
             torch.cat([noisy, erasure.noisy.to(noisy.dtype)]),
             torch.cat([timesteps, erasure.timesteps]),

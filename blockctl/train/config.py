@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 from blockctl.errors import InvalidInput
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
-SCHEDULES = ("constant", "cosine", "linear")
-ROE_LATENTS = ("concept", "mixed", "random")  # where erasure prompts are asked: see roe.py
+MixedPrecision = Literal["no", "bf16", "fp16"]
+Schedule = Literal["constant", "cosine", "linear"]
+RoeLatents = Literal["concept", "mixed", "random"]  # where erasure prompts are asked: see roe.py
+MIXED_PRECISION: tuple[str, ...] = get_args(MixedPrecision)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+ROE_LATENTS: tuple[str, ...] = get_args(RoeLatents)
 # Settings that change what a step computes: a resumed run must use the checkpoint's values to
 # reproduce an uninterrupted one. ``steps`` and ``checkpoint_every`` may change on resume.
-RESUMABLE_OVERRIDES = ("steps", "checkpoint_every", "mixed_precision")
+RESUMABLE_OVERRIDES = ("steps", "checkpoint_every", "mixed_precision", "strength_target")
 
 
 @dataclass(frozen=True)
@@ -44,13 +47,25 @@ class TrainConfig:
     # Weight of the penalty on the share of the learnt token's effect on the prompt encoding
     # that falls inside OTHER slots' subspaces, where their updates would act on it.
     token_isolation: float = 0.0
+    # Bound on the learnt token row's norm, as a multiple of the vocabulary's largest row norm
+    # (0: unbounded). Unbounded rows ended 7–8× the vocabulary's largest (DESIGN section 5).
+    token_norm_bound: float = 0.0
+    # Shares of erasure prompts holding stand-in tokens, and empty (roe.py).
+    roe_standin: float = 0.0
+    roe_standin_offset: float = 1.0  # a stand-in's random offset, × its anchor row's norm
+    roe_empty: float = 0.0
+    # Equal learning strength: stop once the concept's strength (strength.py: probe ‖δ‖²,
+    # averaged over the last samples) reaches this, after at least ``min_steps``; ``steps`` is
+    # then the most a slow learner may take. 0: train exactly ``steps``.
+    strength_target: float = 0.0
+    min_steps: int = 100
     seed: int = 0
     checkpoint_every: int = 100
     mixed_precision: str = "no"
     flip: bool = True
 
     def __post_init__(self) -> None:
-        positive_ints = ("steps", "batch_size", "grad_accum", "checkpoint_every")
+        positive_ints = ("steps", "batch_size", "grad_accum", "checkpoint_every", "min_steps")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -74,12 +89,23 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise InvalidInput(f"--{_flag(name)} must be a non-negative number, got {value}")
-        for name in ("weight_decay", "max_grad_norm", "roe_weight", "token_isolation"):
+        non_negative = (
+            "weight_decay", "max_grad_norm", "roe_weight", "token_isolation", "token_norm_bound",
+            "roe_standin_offset", "strength_target",
+        )  # fmt: skip
+        for name in non_negative:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise InvalidInput(f"--{_flag(name)} must be a non-negative number, got {value}")
-        if not 0.0 <= self.roe_prob <= 1.0:
-            raise InvalidInput(f"--roe-prob must be between 0 and 1, got {self.roe_prob}")
+        for name in ("roe_prob", "roe_standin", "roe_empty"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise InvalidInput(f"--{_flag(name)} must be between 0 and 1, got {value}")
+        if self.roe_standin + self.roe_empty > 1.0:
+            raise InvalidInput(
+                f"--roe-standin ({self.roe_standin}) and --roe-empty ({self.roe_empty}) are "
+                "shares of the same erasure prompts: together at most 1"
+            )
         if self.mixed_precision not in MIXED_PRECISION:
             raise InvalidInput(
                 f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, "
@@ -101,6 +127,17 @@ class TrainConfig:
     @property
     def erasure_batch(self) -> int:
         return self.roe_batch_size or max(1, self.batch_size // 2)
+
+    def check_processes(self, processes: int) -> None:
+        """Refuse a batch that ``processes`` training processes cannot share equally: unequal
+        shares would weigh items unequally once DDP averages the processes' gradients."""
+        if self.batch_size % processes:
+            fits = -(-self.batch_size // processes) * processes
+            raise InvalidInput(
+                f"--batch-size {self.batch_size} does not split evenly over {processes} "
+                "processes: each process trains on an equal share of every batch",
+                hint=f"pass a multiple of {processes}, e.g. --batch-size {fits}",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
+from blockctl.atomic import atomic_write
 from blockctl.train.components import Components
 from blockctl.train.slot_adapter import ConceptAdapter
 
@@ -86,7 +87,6 @@ def _save_grid(
             grid.paste(image, (i * size, y + LABEL_HEIGHT))
         y += size + LABEL_HEIGHT
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    grid.save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_write(path) as staged:
+        grid.save(staged.temp, format="PNG")
     return path

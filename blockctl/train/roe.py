@@ -13,6 +13,17 @@ shown the trainer, such as other contributors' concepts) noised at the same time
 ``mixed`` flips a coin per erasure item. Which one the defaults use is the identity sweep's
 call (benchmarks/results/identity_sweep.json).
 
+Stand-in tokens (``roe_standin``): a share of the erasure prompts carry one or two stand-in
+token embeddings where a concept token would sit ("a photo of ⟨x⟩ {class}", "a {word} in ⟨x⟩
+style", ...). Every other contributor's concept token is, to this adapter, a token nobody has
+learnt yet; without stand-ins no erasure prompt ever held one, and the slot learnt to act on any
+unusual token. A stand-in is drawn fresh each time: a random ordinary word's (or the class
+word's) embedding plus a random offset of ``roe_standin_offset`` × its norm, kept inside the
+norm bound learnt tokens are held to, i.e. drawn from where learnt tokens actually end. The
+embeddings go in through scratch rows of the embedding (``TokenEmbedding.set_scratch``), never
+through tokenizer entries. A share ``roe_empty`` of the prompts is the empty prompt, which
+classifier-free guidance subtracts from every prompt and amplifies by (guidance − 1).
+
 Because the learnt token never appears in an erasure prompt, the erasure loss never moves the
 token embedding: it constrains only the slot blocks ``B_s``.
 """
@@ -53,6 +64,30 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 
+STANDIN = "{x}"  # where a stand-in token sits in an erasure prompt
+# {c}: the concept's own class word half of the time (another contributor's concept of the same
+# class), else a random word; {w}: a random word.
+STANDIN_TEMPLATES: tuple[str, ...] = (
+    "a photo of {x} {c}",
+    "{x} {c}",
+    "{x} {w}",
+    "a photo of {x} {w}",
+    "a {w} in {x} style",
+    "a {w} on a {x} background",
+    "a photo of {x} {c} on a {x} background",
+    "a photo of {x} {w} in {x} style",
+)
+MAX_STANDINS = 2  # per prompt, the most any template holds
+
+
+@dataclass(frozen=True)
+class ErasureMix:
+    """What share of erasure prompts carry stand-in tokens, and what share are empty."""
+
+    standin: float = 0.0
+    empty: float = 0.0
+
+
 @dataclass(frozen=True)
 class ErasurePool:
     """Where to sample "elsewhere": prompts that must not trigger the concept."""
@@ -62,17 +97,34 @@ class ErasurePool:
     words: tuple[str, ...]
     others: tuple[str, ...]  # other registered concepts' tokens and names
     random_pieces: tuple[str, ...]  # ordinary tokenizer pieces for random token strings
+    anchors: tuple[int, ...] = ()  # token ids whose embeddings stand-ins start from
 
-    def sample(self, gen: random.Random, n: int) -> list[str]:
-        return [self._one(gen) for _ in range(n)]
+    def sample(self, gen: random.Random, n: int, mix: ErasureMix = ErasureMix()) -> list[str]:
+        """``n`` prompts; stand-in places are marked ``{x}`` (see ``tokenize_with_standins``)."""
+        return [self._one(gen, mix) for _ in range(n)]
 
-    def _one(self, gen: random.Random) -> str:
+    def _one(self, gen: random.Random, mix: ErasureMix) -> str:
         # Draw until clean: a random string may by chance spell the token; never train on it.
         for _ in range(100):
-            prompt = self._draw(gen)
+            prompt = self._mixed(gen, mix)
             if self.token not in prompt:
                 return prompt
         return f"a photo of a {self.class_word}"
+
+    def _mixed(self, gen: random.Random, mix: ErasureMix) -> str:
+        if not (mix.standin or mix.empty):  # no extra draw: runs without them stay as they were
+            return self._draw(gen)
+        u = gen.random()
+        if u < mix.empty:
+            return ""
+        if u < mix.empty + mix.standin:
+            return self._standin(gen)
+        return self._draw(gen)
+
+    def _standin(self, gen: random.Random) -> str:
+        template = gen.choice(STANDIN_TEMPLATES)
+        cls = self.class_word if gen.random() < 0.5 else gen.choice(self.words)
+        return template.replace("{c}", cls).replace("{w}", gen.choice(self.words))
 
     def _draw(self, gen: random.Random) -> str:
         kind = gen.randrange(4 if self.others else 3)
@@ -102,12 +154,14 @@ def build_pool(
     words = vocabulary(tokenizer)
     banned = {token, concept}
     other_names = tuple(sorted({o for o in others if o and o not in banned and token not in o}))
+    kept = tuple(w for w in words if w not in banned)
     return ErasurePool(
         token=token,
         class_word=class_word,
-        words=tuple(w for w in words if w not in banned),
+        words=kept,
         others=other_names,
         random_pieces=random_pieces(tokenizer, banned),
+        anchors=anchor_ids(tokenizer, kept, class_word),
     )
 
 
@@ -142,14 +196,72 @@ def _ids(tokenizer: object, text: str) -> Sequence[int]:
     return tokenizer(text, add_special_tokens=False).input_ids  # type: ignore[operator]
 
 
+def tokenize_with_standins(
+    tokenizer: Any, prompts: Sequence[str], first_id: int
+) -> tuple[torch.Tensor, int]:
+    """Token ids (k, L) of ``prompts`` padded as the text encoder expects; the j-th ``{x}`` of
+    the batch becomes id ``first_id + j`` (a scratch row). Returns the ids and how many
+    stand-ins they hold. Prompts without ``{x}`` tokenize exactly as ``tokenizer(...)`` does."""
+    length = int(tokenizer.model_max_length)
+    plain = tokenizer(
+        list(prompts), padding="max_length", max_length=length, truncation=True,
+        return_tensors="pt",
+    ).input_ids  # fmt: skip
+    used = 0
+    for i, prompt in enumerate(prompts):
+        if STANDIN not in prompt:
+            continue
+        body: list[int] = []
+        for j, piece in enumerate(prompt.split(STANDIN)):
+            if j:
+                body.append(first_id + used)
+                used += 1
+            if piece.strip():
+                body.extend(_ids(tokenizer, piece.strip()))
+        row = [tokenizer.bos_token_id, *body[: length - 2], tokenizer.eos_token_id]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else row[-1]
+        plain[i] = torch.tensor(row + [pad] * (length - len(row)))
+    return plain, used
+
+
+def anchor_ids(tokenizer: object, words: Sequence[str], class_word: str) -> tuple[int, ...]:
+    """Token ids whose embeddings stand-ins start from: ordinary words and the class word."""
+    ids = {i for w in (*words, class_word) for i in _ids(tokenizer, w)}
+    return tuple(sorted(int(i) for i in ids))
+
+
+def standin_rows(
+    table: torch.Tensor,
+    anchors: Sequence[int],
+    count: int,
+    offset: float,
+    max_norm: float | None,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """``count`` stand-in embeddings (count × dim, float32): a random anchor row plus a random
+    direction of ``offset`` × the row's norm, scaled back inside ``max_norm`` if given."""
+    pick = torch.tensor(anchors)[torch.randint(len(anchors), (count,), generator=gen)]
+    rows = table[pick.to(table.device)].detach().float().cpu()
+    direction = torch.randn(rows.shape, generator=gen)
+    direction = direction / direction.norm(dim=1, keepdim=True)
+    rows = rows + offset * rows.norm(dim=1, keepdim=True) * direction
+    if max_norm is not None:
+        rows = rows * (max_norm / rows.norm(dim=1, keepdim=True)).clamp(max=1.0)
+    return rows
+
+
 @dataclass(frozen=True)
 class ErasureBatch:
     ids: torch.Tensor  # erasure prompts' token ids (k, L)
     noisy: torch.Tensor  # noised latents (k, C, H, W)
     timesteps: torch.Tensor  # (k,)
+    standins: torch.Tensor | None = None  # scratch rows the ids refer to (m, dim)
 
     def to(self, device: torch.device | str) -> ErasureBatch:
-        return ErasureBatch(self.ids.to(device), self.noisy.to(device), self.timesteps.to(device))
+        rows = None if self.standins is None else self.standins.to(device)
+        return ErasureBatch(
+            self.ids.to(device), self.noisy.to(device), self.timesteps.to(device), rows
+        )
 
 
 def erasure_batch(

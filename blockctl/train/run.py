@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from blockctl.train import checkpoint, loop, roe
 from blockctl.train.components import StepModel, load_components
 from blockctl.train.config import RESUMABLE_OVERRIDES, TrainConfig
 from blockctl.train.data import ConceptPhotos, default_caption, encode_photos, load_photos
-from blockctl.train.slot_adapter import attach, freeze
+from blockctl.train.slot_adapter import ConceptAdapter, attach, freeze, vocabulary_norms
+from blockctl.train.strength import make_probe
 from blockctl.verify import check_for_publish
 from registry.base import PUBLISHED, RESERVED, Registry, SlotRecord
 
@@ -55,6 +57,9 @@ class TrainResult:
     photos: int
     skipped: tuple[str, ...]
     config: TrainConfig
+    # False in the other processes of a multi-process run: they train but write nothing and
+    # have nothing to report (no adapter sha256, nothing published).
+    main_process: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -132,14 +137,25 @@ class Session:
 
 
 def prepare(registry: Registry, request: TrainRequest, say: Say = print) -> Session:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
 
+    # This process and, under ``accelerate launch``, its peers. Made first and with the
+    # Accelerator's own ``cpu`` flag: a state made without it on a machine without GPUs is
+    # never distributed, and every later one shares it (each process would train alone).
+    cpu = not torch.cuda.is_available()
+    processes = PartialState(cpu=cpu)
+    if not processes.is_main_process:
+        say = _silent  # every process would say the same: the main one speaks for all
+    note = launch_note(os.environ, processes.num_processes)
+    if note:
+        say(note)
     TrainConfig().with_overrides(request.overrides)  # bad numbers fail before any loading
     layout = layout_of(registry)
     record = check_slot(registry, request.concept, request.owner)
     base_dir = check_base(layout, request.base)
-    ckpt = _checkpoint_for(request, record, layout, say)
+    ckpt = _checkpoint_for(request, record, layout, say, processes.is_main_process)
     config = resolve_config(request, ckpt, say)
+    config.check_processes(processes.num_processes)
 
     comps = load_components(base_dir)
     photos = load_photos(
@@ -148,7 +164,7 @@ def prepare(registry: Registry, request: TrainRequest, say: Say = print) -> Sess
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
-        cpu=not torch.cuda.is_available(),
+        cpu=cpu,
     )
     device = accelerator.device
     freeze(comps.unet, comps.text_encoder, comps.vae)
@@ -163,6 +179,7 @@ def prepare(registry: Registry, request: TrainRequest, say: Say = print) -> Sess
         comps.tokenizer,
         record.token,
         record.class_word,
+        config.token_norm_bound,
     )
     comps.unet.to(device)
     comps.text_encoder.to(device)
@@ -189,6 +206,7 @@ def prepare(registry: Registry, request: TrainRequest, say: Say = print) -> Sess
         bank=bank,
         caption_ids=caption_ids,
         pool=pool,
+        probe=make_probe(bank, caption_ids, comps.noise_scheduler, config.seed),
         out_dir=request.out_dir,
         run_meta=_run_meta(record, layout),
         resume_hint=request.resume_hint,
@@ -204,6 +222,24 @@ def prepare(registry: Registry, request: TrainRequest, say: Say = print) -> Sess
         photos=photos,
         resumed_from=state.step if ckpt is not None else None,
     )
+
+
+def launch_note(env: Mapping[str, str], processes: int) -> str | None:
+    """``accelerate launch --cpu --num_processes N`` starts ONE process (several CPU processes
+    need mpirun): it then leaves a rendezvous port set for a run of one. Say so, rather than
+    let a user believe the run was shared."""
+    launched_on_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
+    if processes > 1 or not launched_on_cpu or not env.get("MASTER_PORT"):
+        return None
+    return (
+        "note: training in ONE process: `accelerate launch --cpu` starts only one; on a "
+        "machine without GPUs start several with `accelerate launch --multi_gpu "
+        "--num_processes N` (docs/multi-gpu.md)"
+    )
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 def _foreign(
@@ -260,7 +296,9 @@ def train(
             scale=layout.scale,
             layout_hash=layout.layout_hash,
             base_fingerprint=layout.base_fingerprint,
-            training=_training_meta(config, len(photos), state, final_loss),
+            training=_training_meta(
+                config, len(photos), state, final_loss, adapter, accelerator.num_processes
+            ),
         )
         write_adapter(adapter_path, adapter.state_tensors(), meta)
         check_for_publish(adapter_path, layout, registry)
@@ -282,24 +320,23 @@ def train(
         photos=len(photos),
         skipped=tuple(name for name, _ in photos.skipped),
         config=config,
+        main_process=accelerator.is_main_process,
     )
 
 
 def _checkpoint_for(
-    request: TrainRequest, record: SlotRecord, layout: Layout, say: Say
+    request: TrainRequest, record: SlotRecord, layout: Layout, say: Say, main: bool
 ) -> checkpoint.Checkpoint | None:
-    found = checkpoint.latest(request.out_dir)
     if not request.resume:
-        if found is not None:
+        # One process looks and deletes; the others never read what it may be deleting.
+        if main and checkpoint.latest(request.out_dir) is not None:
             say(
                 f"note: starting afresh; existing checkpoints in {request.out_dir} are replaced "
                 "(pass --resume to continue them)"
             )
-            from accelerate import PartialState
-
-            if PartialState().is_main_process:  # one process deletes; the others only read
-                checkpoint.clear(request.out_dir)
+            checkpoint.clear(request.out_dir)
         return None
+    found = checkpoint.latest(request.out_dir)
     if found is None:
         say(f"note: no checkpoint in {request.out_dir}; starting from step 0")
         return None
@@ -324,14 +361,27 @@ def _run_meta(record: SlotRecord, layout: Layout) -> dict[str, Any]:
 
 
 def _training_meta(
-    config: TrainConfig, photos: int, state: loop.LoopState, final_loss: float
+    config: TrainConfig,
+    photos: int,
+    state: loop.LoopState,
+    final_loss: float,
+    adapter: ConceptAdapter,
+    processes: int,
 ) -> dict[str, Any]:
+    embedding = adapter.embedding
     return {
         "trainer": f"blockctl {__version__}",
         **config.to_dict(),
+        "processes": processes,  # sharing each batch (loop.share); the result is the same
         "photos": photos,
+        "steps_taken": state.step,
         "roe_steps": state.roe_steps,
         "final_loss": final_loss,
+        "strength": [[s, round(v, 8)] for s, v in state.strength],
+        # where the learnt token ended, against the vocabulary it must stay among
+        "token_norm": round(float(embedding.row.detach().norm()), 4),
+        "token_init_norm": round(float(embedding.initial.norm()), 4),
+        "vocabulary_norms": vocabulary_norms(embedding.base.weight).to_dict(),
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,35 +58,70 @@ class SlotLinear(nn.Module):
 
 
 class TokenEmbedding(nn.Module):
-    """The text encoder's token embedding plus ONE trainable row for the concept token.
+    """The text encoder's token embedding plus ONE trainable row for the concept token, and
+    scratch rows for erasure prompts' stand-in tokens (roe.py).
 
     The original matrix stays frozen and is not copied, so merged tokenizers of several concepts
-    never disagree about the ordinary vocabulary. ``enabled = False`` puts back the row's
-    starting value (the class word's embedding), i.e. the model before training.
+    never disagree about the ordinary vocabulary. Ids past the frozen matrix are looked up in a
+    small table: ``token_id`` is the learnt row, ``token_id + 1 + j`` scratch row ``j``, set per
+    step with ``set_scratch`` (no tokenizer entries: roe.tokenize_with_standins splices the ids
+    in). ``enabled = False`` puts back the learnt row's starting value (the class word's
+    embedding), i.e. the model before training.
+
+    ``max_norm`` (when set) bounds the learnt row's norm; ``project_`` applies it after each
+    optimizer step, keeping the token inside the vocabulary's range (DESIGN section 5).
     """
 
-    def __init__(self, base: nn.Embedding, token_id: int, init: torch.Tensor) -> None:
+    def __init__(
+        self, base: nn.Embedding, token_id: int, init: torch.Tensor, max_norm: float | None = None
+    ) -> None:
         super().__init__()
+        if token_id < base.num_embeddings:
+            raise InvalidInput(f"token id {token_id} is inside the frozen vocabulary")
         self.base = base
         self.token_id = token_id
         self.enabled = True
+        self.max_norm = max_norm
         self.row = nn.Parameter(init.detach().clone().float().reshape(1, -1))
+        self.initial: torch.Tensor
         self.register_buffer("initial", init.detach().clone().float().reshape(1, -1))
+        self.scratch: torch.Tensor
+        self.register_buffer("scratch", torch.zeros(0, self.row.shape[1]), persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
+    @property
+    def scratch_start(self) -> int:
+        """The id of scratch row 0."""
+        return self.token_id + 1
+
+    def set_scratch(self, rows: torch.Tensor | None) -> None:
+        """Stand-in embeddings for ids ``scratch_start + j`` (None: none)."""
+        empty = torch.zeros(0, self.row.shape[1], device=self.row.device)
+        self.scratch = empty if rows is None else rows.detach().float().to(self.row.device)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Scale the learnt row back onto the norm ball, if it left it."""
+        if self.max_norm is None:
+            return
+        norm = float(self.row.norm())
+        if norm > self.max_norm:
+            self.row.mul_(self.max_norm / norm)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        mask = input_ids == self.token_id
-        # The new id may lie past the frozen matrix: look up row 0 there and overwrite it.
-        safe = torch.where(mask, torch.zeros_like(input_ids), input_ids)
+        extra = input_ids >= self.base.num_embeddings
+        # The new ids lie past the frozen matrix: look up row 0 there and overwrite it.
+        safe = torch.where(extra, torch.zeros_like(input_ids), input_ids)
         out = self.base(safe)
-        if not bool(mask.any()):
+        if not bool(extra.any()):
             return out
-        initial: torch.Tensor = self.initial  # type: ignore[assignment]
-        row = self.row if self.enabled else initial
-        return torch.where(mask.unsqueeze(-1), row.to(out.dtype).expand_as(out), out)
+        table = torch.cat([self.row if self.enabled else self.initial, self.scratch])
+        table = table.to(out.dtype)
+        index = (input_ids - self.token_id).clamp(0, table.shape[0] - 1)
+        return torch.where(extra.unsqueeze(-1), table[index], out)
 
 
 class ConceptAdapter:
@@ -163,13 +199,15 @@ def attach(
     tokenizer: object,
     token: str,
     class_word: str,
+    token_norm_bound: float = 0.0,
 ) -> ConceptAdapter:
-    """Wrap every target of ``layout`` in ``components`` and add the concept token."""
+    """Wrap every target of ``layout`` in ``components`` and add the concept token, its norm
+    bounded to ``token_norm_bound`` × the vocabulary's largest row norm (0: unbounded)."""
     slots: dict[str, SlotLinear] = {}
     for target in layout.targets:
         slots[target.name] = _wrap(components, target, bases, slot, layout)
     text_encoder = components["text_encoder"]
-    embedding = _add_token(text_encoder, tokenizer, token, class_word)
+    embedding = _add_token(text_encoder, tokenizer, token, class_word, token_norm_bound)
     return ConceptAdapter(slots, embedding, token)
 
 
@@ -195,7 +233,7 @@ def _wrap(
 
 
 def _add_token(
-    text_encoder: nn.Module, tokenizer: object, token: str, class_word: str
+    text_encoder: nn.Module, tokenizer: object, token: str, class_word: str, bound: float
 ) -> TokenEmbedding:
     name, embedding = find_module(text_encoder, "text_model.embeddings.token_embedding")
     if not isinstance(embedding, nn.Embedding):
@@ -206,9 +244,26 @@ def _add_token(
     class_ids = class_token_ids(tokenizer, class_word)
     weight = embedding.weight.detach()
     init = weight[class_ids].float().mean(dim=0)
-    wrapped = TokenEmbedding(embedding, token_id, init)
+    max_norm = bound * vocabulary_norms(weight).largest if bound > 0 else None
+    wrapped = TokenEmbedding(embedding, token_id, init, max_norm)
     text_encoder.set_submodule(name, wrapped)
     return wrapped
+
+
+@dataclass(frozen=True)
+class NormRange:
+    smallest: float
+    median: float
+    largest: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in asdict(self).items()}
+
+
+def vocabulary_norms(weight: torch.Tensor) -> NormRange:
+    """The range of the vocabulary's row norms: where a learnt token row should stay."""
+    norms = weight.detach().float().norm(dim=1)
+    return NormRange(float(norms.min()), float(norms.median()), float(norms.max()))
 
 
 def class_token_ids(tokenizer: object, word: str) -> Sequence[int]:

@@ -10,15 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from blockctl.cli import app
 from blockctl.layout import layout_of
 from blockctl.merge import MergeOptions, merge
 from registry import Registry
-from tests.unit.test_merge import make_published
+from tests.support.cli import cli
+from tests.support.registries import make_published
 
-runner = CliRunner()
 PROMPTS = ["a photo of <rex> thing on a <tabby> thing", "a photo of a thing"]
 FAST = ["--n", "2", "--steps", "3", "--seed", "7"]
 
@@ -26,11 +24,6 @@ FAST = ["--n", "2", "--steps", "3", "--seed", "7"]
 @pytest.fixture(scope="module")
 def reg(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Registry:
     return make_published(tmp_path_factory.mktemp("compose-cli"), tiny_base)
-
-
-def run(reg: Registry, *args: str) -> tuple[int, str]:
-    result = runner.invoke(app, ["--registry", reg.location, *args])
-    return result.exit_code, result.output
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -44,9 +37,9 @@ def test_sample_concepts_equals_sampling_the_merged_folder(reg: Registry, tmp_pa
     merged = tmp_path / "merged"
     merge(reg, ["rex", "tabby"], MergeOptions(out=merged, scales={"rex": 0.7}))
     from_folder, composed = tmp_path / "folder.png", tmp_path / "composed.png"
-    code, _ = run(reg, "sample", *PROMPTS, "-o", str(from_folder), "--model", str(merged), *FAST)
+    code, _, _ = cli(reg, "sample", *PROMPTS, "-o", str(from_folder), "--model", str(merged), *FAST)
     assert code == 0
-    code, out = run(
+    code, out, _ = cli(
         reg, "sample", *PROMPTS, "-o", str(composed), "--concepts", "tabby, rex",
         "--scale", "rex=0.7", *FAST, "--json",
     )  # fmt: skip
@@ -54,7 +47,7 @@ def test_sample_concepts_equals_sampling_the_merged_folder(reg: Registry, tmp_pa
     assert json.loads(out)["concepts"] == ["tabby", "rex"]
     assert np.array_equal(pixels(composed), pixels(from_folder))
     base_png = tmp_path / "base.png"
-    code, _ = run(
+    code, _, _ = cli(
         reg, "sample", *PROMPTS, "-o", str(base_png), "--model", layout_of(reg).base, *FAST
     )
     assert code == 0 and not np.array_equal(pixels(base_png), pixels(composed))  # it did compose
@@ -74,10 +67,8 @@ def test_sample_concepts_bad_input(
     reg: Registry, tmp_path: Path, args: list[str], code: int, needle: str
 ) -> None:
     out = tmp_path / "x.png"
-    result = runner.invoke(
-        app, ["--registry", reg.location, "sample", "p", "-o", str(out), *args, *FAST]
-    )
-    assert result.exit_code == code, result.output
+    result = cli(reg, "sample", "p", "-o", str(out), *args, *FAST)
+    assert result.code == code, result.output
     assert needle in result.output and "Traceback" not in result.output
     assert not out.exists()
 
@@ -86,19 +77,19 @@ def test_sample_concepts_on_another_model_exits_4(reg: Registry, tmp_path: Path)
     from blockctl.toy.model import TINY, build_pipeline, save_pipeline
 
     other = save_pipeline(build_pipeline(TINY, seed=3), tmp_path / "other")
-    code, out = run(
+    result = cli(
         reg, "sample", "p", "-o", str(tmp_path / "x.png"), "--concepts", "rex", "--model",
         str(other), *FAST,
     )  # fmt: skip
-    assert code == 4 and "not the registry's base" in out
+    assert result.code == 4 and "not the registry's base" in result.output
 
 
 def test_merge_copy_flag(reg: Registry, tmp_path: Path) -> None:
     base = Path(layout_of(reg).base)
     vae = "vae/diffusion_pytorch_model.safetensors"
-    code, out = run(reg, "merge", "rex", "-o", str(tmp_path / "linked"), "--json")
+    code, out, _ = cli(reg, "merge", "rex", "-o", str(tmp_path / "linked"), "--json")
     assert code == 0 and "linked to the base" in " ".join(json.loads(out)["notes"])
     assert os.path.samefile(tmp_path / "linked" / vae, base / vae)
-    code, out = run(reg, "merge", "rex", "-o", str(tmp_path / "copied"), "--copy", "--json")
+    code, out, _ = cli(reg, "merge", "rex", "-o", str(tmp_path / "copied"), "--copy", "--json")
     assert code == 0 and json.loads(out)["notes"] == []
     assert not os.path.samefile(tmp_path / "copied" / vae, base / vae)

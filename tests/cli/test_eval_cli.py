@@ -7,13 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from blockctl.cli import app
 from blockctl.layout import sha256_file
 from registry import Registry
-
-runner = CliRunner()
+from tests.support.cli import cli
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +45,25 @@ def _published(reg: Registry, adapter_factory, names: list[str]) -> None:  # typ
         reg.publish(name, path, sha256_file(path))
 
 
-def _eval(reg: Registry, *args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, ["--registry", str(reg.location), "eval", *args])
-    return result.exit_code, result.stdout, result.stderr
-
-
 def test_eval_json_and_table(tiny_registry: Registry, adapter_factory) -> None:  # type: ignore[no-untyped-def]
     _published(tiny_registry, adapter_factory, ["rex", "tom"])
-    code, out, _ = _eval(tiny_registry, "rex", "tom", "--samples", "2", "--json")
+    fast = ("--samples", "2", "--images", "1", "--sample-steps", "2")
+    code, out, _ = cli(tiny_registry, "eval", "rex", "tom", *fast, "--json")
     assert code == 0
-    rows = json.loads(out)
+    doc = json.loads(out)
+    rows = doc["concepts"]
     assert [r["concept"] for r in rows] == ["rex", "tom"]
     assert "clip_image_alignment" not in rows[0]  # only with --clip
-    code, out, _ = _eval(tiny_registry, "rex", "--samples", "2")
+    for key in ("guided_crosstalk", "empty_interference", "sample_identity"):
+        assert key in rows[0]
+    summary = doc["summary"]
+    crosstalk = [r["crosstalk"] for r in rows]
+    assert summary["crosstalk"]["worst"] == max(crosstalk)
+    assert summary["retention"]["worst"] == min(r["retention"] for r in rows)
+    assert summary["crosstalk"]["mean"] == pytest.approx(sum(crosstalk) / 2)
+    code, out, _ = cli(tiny_registry, "eval", "rex", "--samples", "2", "--images", "0")
     assert code == 0 and "identity metrics" in out and "rex" in out
+    assert "worst" in out and "sample identity" not in out  # no images, no column
 
 
 def test_eval_with_clip_scores_alignment(
@@ -70,23 +72,29 @@ def test_eval_with_clip_scores_alignment(
     tiny_clip: Path,
 ) -> None:
     _published(tiny_registry, adapter_factory, ["rex", "tom"])
-    args = ["--samples", "2", "--clip", str(tiny_clip), "--clip-images", "2", "--json"]
-    code, out, err = _eval(tiny_registry, "rex", *args)
+    args = ["--samples", "2", "--clip", str(tiny_clip), "--images", "2", "--sample-steps", "2",
+            "--json"]  # fmt: skip
+    code, out, err = cli(tiny_registry, "eval", "rex", *args)
     assert code == 0, err
-    (alone,) = json.loads(out)
+    (alone,) = json.loads(out)["concepts"]
     # One concept merged is the concept alone: same images from the same seeds.
     assert alone["clip_image_alignment"] == pytest.approx(1.0, abs=1e-5)
     assert -1.0 <= alone["clip_text_alignment"] <= 1.0
-    code, out, err = _eval(tiny_registry, "rex", "tom", *args)
+    assert alone["sample_identity"] == pytest.approx(1.0, abs=1e-6)
+    code, out, err = cli(tiny_registry, "eval", "rex", "tom", *args)
     assert code == 0, err
-    rows = json.loads(out)
+    rows = json.loads(out)["concepts"]
     assert all(-1.0 <= r["clip_image_alignment"] <= 1.0 + 1e-6 for r in rows)
     assert rows[0]["clip_image_alignment"] < 1.0 - 1e-6  # tom's blocks change rex's images
 
 
 def test_eval_errors(tiny_registry: Registry, adapter_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _published(tiny_registry, adapter_factory, ["rex"])
-    code, _, err = _eval(tiny_registry, "rex", "--clip", str(tmp_path))
+    code, _, err = cli(tiny_registry, "eval", "rex", "--clip", str(tmp_path))
     assert code == 2 and "not a CLIP model folder" in err
-    code, _, err = _eval(tiny_registry, "nobody")
+    code, _, err = cli(tiny_registry, "eval", "nobody", "--images", "0")
     assert code != 0 and "Traceback" not in err
+    code, _, err = cli(tiny_registry, "eval", "rex", "--clip", str(tmp_path), "--images", "0")
+    assert code == 2 and "needs images" in err
+    code, _, err = cli(tiny_registry, "eval", "rex", "--guidance", "-1")
+    assert code == 2

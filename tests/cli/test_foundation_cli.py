@@ -11,19 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from blockctl.adapter import load_adapter, write_adapter
-from blockctl.cli import app
 from blockctl.layout import sha256_file
 from registry import open_registry
-
-runner = CliRunner()
-
-
-def cli(reg: Path | str, *args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, ["--registry", str(reg), *args])
-    return result.exit_code, result.stdout, result.stderr
+from tests.support.cli import cli
 
 
 @pytest.fixture
@@ -278,7 +270,7 @@ def test_verify_detects_a_damaged_stored_adapter(reg: Path, adapter_factory) -> 
 
 
 def test_help_explains_commands() -> None:
-    result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0
+    result = cli(None, "--help")
+    assert result.code == 0
     for cmd in ("init", "reserve-slot", "release-slot", "slots", "publish", "verify"):
         assert cmd in result.stdout

@@ -11,31 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from typer.testing import CliRunner
 
 from blockctl.adapter import load_adapter
-from blockctl.cli import app
 from blockctl.train import loop
 from registry import Registry, open_registry
 from tests.conftest import create_registry
+from tests.support.cli import cli
+from tests.support.photos import write_photos
 
-runner = CliRunner()
 QUICK = ("--no-sample", "--no-publish", "--batch-size", "1", "--warmup-steps", "1")
-
-
-def cli(reg: Path | str, *args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, ["--registry", str(reg), *args])
-    return result.exit_code, result.stdout, result.stderr
-
-
-def write_photos(folder: Path, n: int = 2, seed: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        pixels = rng.integers(0, 255, (36, 44, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-    return folder
 
 
 @pytest.fixture
@@ -181,10 +165,10 @@ def _interrupt_at(step: int) -> Callable[..., object]:
     """Wrap ``micro_batch`` so a real SIGINT arrives in the middle of ``step``."""
     original = loop.micro_batch
 
-    def wrapped(inputs: loop.LoopInputs, s: int, micro: int, rank: int) -> object:
+    def wrapped(inputs: loop.LoopInputs, s: int, micro: int, *share: int) -> object:
         if s == step - 1 and micro == 0:
             os.kill(os.getpid(), signal.SIGINT)
-        return original(inputs, s, micro, rank)
+        return original(inputs, s, micro, *share)
 
     return wrapped
 

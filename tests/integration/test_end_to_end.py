@@ -9,16 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from blockctl.cli import app
-
-runner = CliRunner()
-
-
-def cli(reg: Path, *args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, ["--registry", str(reg), *args])
-    return result.exit_code, result.stdout, result.stderr
+from tests.support.cli import cli
 
 
 def photos(folder: Path, color: tuple[int, int, int], n: int = 3) -> Path:
@@ -67,9 +59,12 @@ def test_train_publish_verify_merge_load_eval(tiny_base: Path, tmp_path: Path) -
     ).images[0]  # fmt: skip
     assert image.shape[-1] == 3 and torch.isfinite(torch.from_numpy(image)).all()
 
-    code, out, err = cli(reg, "eval", "rex", "tabby", "--merged", str(merged), "--json")
+    code, out, err = cli(
+        reg, "eval", "rex", "tabby", "--merged", str(merged), "--images", "1", "--sample-steps",
+        "2", "--json",
+    )  # fmt: skip
     assert code == 0, err
-    rows = {r["concept"]: r for r in json.loads(out)}
+    rows = {r["concept"]: r for r in json.loads(out)["concepts"]}
     for r in rows.values():
         assert r["delta_sq"] > 0
         assert 0.5 < r["retention"] < 1.5

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from blockctl.merge import MergeOptions, merge
 from registry import Registry
-from tests.unit.test_merge import make_published
+from tests.support.registries import make_published
 
 pytest.importorskip("peft")
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
@@ -35,12 +36,13 @@ def merged(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     scales = {"rex": 0.8}
     merge(reg, CONCEPTS, MergeOptions(out=outs["folder"], scales=scales))
     merge(reg, CONCEPTS, MergeOptions(out=outs["single"], format="single-file", scales=scales))
-    merge(reg, CONCEPTS, MergeOptions(out=outs["lora"], format="lora", scales=scales))
     merge(
         reg,
         CONCEPTS,
-        MergeOptions(out=outs["kohya"], format="lora", lora_keys="kohya", scales=scales),
+        MergeOptions(out=outs["lora"], format="lora", lora_keys="peft", scales=scales),
     )
+    # The default key style, kohya: what diffusers, ComfyUI and AUTOMATIC1111 all read.
+    merge(reg, CONCEPTS, MergeOptions(out=outs["kohya"], format="lora", scales=scales))
     return outs | {"base": tiny_base}
 
 
@@ -119,3 +121,30 @@ def test_lora_on_the_base_matches_the_folder(
     base.load_textual_inversion([{tok: row} for tok, row in rows.items()])
     prompt = "a <tabby>"
     assert torch.allclose(_text_out(base, prompt), _text_out(folder_pipe, prompt), atol=1e-4)
+
+
+def test_default_lora_fused_by_diffusers_equals_the_folder(
+    merged: dict[str, Path], folder_pipe: StableDiffusionPipeline
+) -> None:
+    with safe_open(str(merged["kohya"]), framework="pt") as handle:
+        keys = list(handle.keys())
+    assert all(k.startswith(("lora_unet_", "lora_te_text_model_")) for k in keys)
+    assert any(k.startswith("lora_te_") for k in keys)  # the text encoder carries slots too
+    base = _load(merged["base"])
+    pipe = _load(merged["base"])
+    pipe.load_lora_weights(str(merged["kohya"]))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # the fused weights stay, the LoRA layers go
+    for name in ("unet", "text_encoder"):
+        want, got = getattr(folder_pipe, name).state_dict(), getattr(pipe, name).state_dict()
+        before = getattr(base, name).state_dict()
+        assert got.keys() == before.keys(), name
+        changed = 0
+        for key, value in got.items():
+            if key.endswith("token_embedding.weight"):  # the folder also has the concept rows
+                continue
+            assert torch.allclose(value, want[key], atol=1e-5), (name, key)
+            changed += not torch.equal(value, before[key])
+        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[name]
+        targets = sum(k.startswith(prefix) and k.endswith(".lora_down.weight") for k in keys)
+        assert changed == targets > 0, name  # every target moved, nothing else did

@@ -6,32 +6,26 @@ import json
 from pathlib import Path
 
 from PIL import Image
-from typer.testing import CliRunner
 
-from blockctl.cli import app
 from blockctl.layout import sha256_file
 from registry import open_registry
-from tests.cli.test_train_cli import write_photos
-
-runner = CliRunner()
+from tests.support.cli import cli
+from tests.support.photos import write_photos
 
 
 def test_train_publish_verify(tiny_base: Path, tmp_path: Path) -> None:
     reg = tmp_path / "reg"
 
-    def cli(*args: str) -> tuple[int, str, str]:
-        result = runner.invoke(app, ["--registry", str(reg), *args])
-        return result.exit_code, result.stdout, result.stderr
-
-    code, _, err = cli("init", "--base", str(tiny_base), "--slots", "4", "--rank", "2")
+    code, _, err = cli(reg, "init", "--base", str(tiny_base), "--slots", "4", "--rank", "2")
     assert code == 0, err
     for concept, word in (("rex", "dog"), ("tom", "cat")):
-        code, _, err = cli("reserve-slot", concept, "--class-word", word, "--owner", "alice")
+        code, _, err = cli(reg, "reserve-slot", concept, "--class-word", word, "--owner", "alice")
         assert code == 0, err
     photos = write_photos(tmp_path / "photos", n=3)
     (photos / "0.txt").write_text("<rex> dog sitting")
     out = tmp_path / "run"
     code, stdout, err = cli(
+        reg,
         "train",
         str(photos),
         "--concept",
@@ -54,6 +48,6 @@ def test_train_publish_verify(tiny_base: Path, tmp_path: Path) -> None:
     grid = Image.open(summary["grid"])
     assert grid.size[0] == 8 * 32  # base ×4 | trained ×4, tiny base renders 32 px
 
-    code, stdout, err = cli("verify", "--json")
+    code, stdout, err = cli(reg, "verify", "--json")
     assert code == 0, err + stdout
     assert json.loads(stdout)["ok"] is True

@@ -9,14 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from blockctl.adapter import (
-    AdapterMeta,
-    load_adapter,
-    payload_sha256,
-    read_header,
-    write_adapter,
-)
+from blockctl.adapter import AdapterMeta, load_adapter, payload_sha256, write_adapter
 from blockctl.errors import ValidationFailed
+from blockctl.safetensors_io import read_header
 
 META = AdapterMeta(
     concept="rex", slot=3, tokens=("<rex>",), class_word="dog", rank=2, scale=1.0,

@@ -18,7 +18,7 @@ from blockctl.merge import MergeOptions, merge, plan_merge
 from blockctl.sample import load_pipeline
 from registry import Registry
 from tests.conftest import create_registry, write_random_adapter
-from tests.unit.test_merge import make_published
+from tests.support.registries import make_published
 
 TOKEN_EMBEDDING = "embeddings.token_embedding.weight"
 

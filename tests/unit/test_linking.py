@@ -13,7 +13,8 @@ from blockctl.layout import layout_of
 from blockctl.merge import MergeOptions, merge
 from blockctl.merged_check import check_merged
 from registry import Registry
-from tests.unit.test_merge import digest_tree, make_published
+from tests.support.files import digest_tree
+from tests.support.registries import make_published
 
 UNCHANGED = (
     "vae/diffusion_pytorch_model.safetensors",

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -19,41 +17,13 @@ from blockctl.layout import layout_of, sha256_file
 from blockctl.merge import MergeOptions, merge, parse_dtype, parse_scales, plan_merge
 from blockctl.merged_check import check_merged
 from registry import Registry
-from tests.conftest import create_registry, write_random_adapter
-
-CONCEPTS = ("rex", "tabby", "vangogh")
-
-
-def make_published(
-    root: Path,
-    base: Path,
-    concepts: Sequence[str] = CONCEPTS,
-    *,
-    text_encoder: bool = True,
-    preset: str = "cross-kv",
-) -> Registry:
-    """A registry on ``base`` with every concept reserved and a random adapter published."""
-    root.mkdir(parents=True, exist_ok=True)
-    reg = create_registry(root / "reg", base, text_encoder=text_encoder, preset=preset)
-    for i, concept in enumerate(concepts):
-        reg.reserve(concept, f"<{concept}>", "thing", "tester")
-        path = write_random_adapter(reg, concept, root / f"{concept}.safetensors", seed=i + 1)
-        reg.publish(concept, path, sha256_file(path))
-    return reg
+from tests.support.files import digest_tree
+from tests.support.registries import make_published
 
 
 @pytest.fixture(scope="module")
 def reg(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Registry:
     return make_published(tmp_path_factory.mktemp("merge-reg"), tiny_base)
-
-
-def digest_tree(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(path)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def expected_weight(
@@ -180,7 +150,8 @@ def test_lora_factors_multiply_to_the_delta(reg: Registry) -> None:
         assert torch.allclose(up @ down, plan.delta(t), atol=1e-6)
 
 
-def test_lora_file_keys_and_metadata(reg: Registry, tmp_path: Path) -> None:
+def test_lora_file_metadata_and_default_key_style(reg: Registry, tmp_path: Path) -> None:
+    """Key names are checked in test_lora_keys.py; here: metadata, sidecar, the default."""
     out = tmp_path / "l.safetensors"
     result = merge(reg, ["rex", "tabby"], MergeOptions(out=out, format="lora"))
     sidecar = tmp_path / "l.tokens.safetensors"
@@ -188,20 +159,19 @@ def test_lora_file_keys_and_metadata(reg: Registry, tmp_path: Path) -> None:
     layout = layout_of(reg)
     with safe_open(str(out), framework="pt") as h:
         keys, meta = set(h.keys()), h.metadata()
-    assert keys == {f"{t.name}.lora_{x}.weight" for t in layout.targets for x in "AB"}
-    config = json.loads(meta["lora_adapter_metadata"])
-    assert config["unet.r"] == config["unet.lora_alpha"] == 2 * layout.rank
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)  # kohya by default
+    assert meta["ss_network_dim"] == meta["ss_network_alpha"] == str(2 * layout.rank)
     record = json.loads(meta["blockctl.merge"])
     assert [c["concept"] for c in record["concepts"]] == ["rex", "tabby"]
     assert record["layout_hash"] == layout.layout_hash and all(
         c["sha256"] for c in record["concepts"]
     )
     assert set(load_file(str(sidecar))) == {"<rex>", "<tabby>"}
-    kohya = tmp_path / "k.safetensors"
-    merge(reg, ["rex"], MergeOptions(out=kohya, format="lora", lora_keys="kohya"))
-    kkeys = set(load_file(str(kohya)))
-    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in kkeys)
-    assert any(k.endswith(".alpha") for k in kkeys)
+    peft = tmp_path / "p.safetensors"
+    merge(reg, ["rex"], MergeOptions(out=peft, format="lora", lora_keys="peft"))
+    with safe_open(str(peft), framework="pt") as h:
+        config = json.loads(h.metadata()["lora_adapter_metadata"])
+    assert config["unet.r"] == config["unet.lora_alpha"] == layout.rank
 
 
 def test_request_errors(reg: Registry, tmp_path: Path) -> None:
@@ -295,3 +265,18 @@ def test_a_changed_base_is_refused(tiny_base: Path, tmp_path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(ValidationFailed, match="not the one this registry was made for"):
         merge(reg, ["rex"], MergeOptions(out=tmp_path / "o"))
+
+
+def test_merge_without_linux_only_calls_gives_the_same_bytes(
+    reg: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    want = tmp_path / "linux"
+    merge(reg, ["rex", "tabby"], MergeOptions(out=want))
+    import os
+
+    for name in ("copy_file_range", "preadv"):
+        monkeypatch.delattr(os, name, raising=False)
+    for fmt, out in (("diffusers", tmp_path / "portable"), ("single-file", tmp_path / "p.st")):
+        merge(reg, ["rex", "tabby"], MergeOptions(out=out, format=fmt))
+    assert digest_tree(tmp_path / "portable") == digest_tree(want)
+    assert check_merged(reg, tmp_path / "p.st").ok

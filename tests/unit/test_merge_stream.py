@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,11 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from blockctl.adapter import read_header
 from blockctl.errors import InvalidInput
-from blockctl.formats import clean_stale, staged
-from blockctl.formats.single_file import unet_key, vae_key
-from blockctl.stream import Entry, StreamWriter, read_entries
+from blockctl.merge.single_file import unet_key, vae_key
+from blockctl.merge.staging import staged
+from blockctl.safetensors_io import Entry, StreamWriter, read_entries, read_header
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]
 
@@ -130,18 +130,32 @@ def test_vae_keys_follow_the_sd_layout(key: str, ldm: str) -> None:
     assert vae_key(key, {"up_block_types": ["UpDecoderBlock2D"] * 4}) == ldm
 
 
+def _merge_output(folder: Path, text: str) -> None:
+    folder.mkdir()
+    (folder / "blockctl_merge.json").write_text(json.dumps({"note": text}))
+
+
 def test_staged_moves_into_place_and_refuses_existing(tmp_path: Path) -> None:
-    out = tmp_path / "o.txt"
+    out = tmp_path / "o"
     with staged([out], force=False) as (tmp,):
-        assert tmp.parent == tmp_path and tmp.name.startswith(".o.txt.tmp-")
-        tmp.write_text("one")
-    assert out.read_text() == "one"
+        assert tmp.parent == tmp_path and tmp.name.startswith(".o.tmp-")
+        _merge_output(tmp, "one")
+    assert "one" in (out / "blockctl_merge.json").read_text()
     with pytest.raises(InvalidInput, match="already exists"), staged([out], force=False):
         pass
     with staged([out], force=True) as (tmp,):
-        tmp.write_text("two")
-    assert out.read_text() == "two"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.txt"]
+        _merge_output(tmp, "two")
+    assert "two" in (out / "blockctl_merge.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+    mine = tmp_path / "mine.txt"
+    mine.write_text("not a merge output")
+    with (
+        pytest.raises(InvalidInput, match="not a blockctl merge output"),
+        staged([mine], force=True) as (tmp,),
+    ):
+        tmp.write_text("never")
+    assert mine.read_text() == "not a merge output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt", "o"]
 
 
 def test_staged_failure_leaves_nothing(tmp_path: Path) -> None:
@@ -151,18 +165,6 @@ def test_staged_failure_leaves_nothing(tmp_path: Path) -> None:
         (tmp / "x").write_text("partial")
         raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
-
-
-def test_stale_temporaries_of_dead_processes_are_cleaned(tmp_path: Path) -> None:
-    out = tmp_path / "m"
-    dead = tmp_path / ".m.tmp-999999999-abcd"
-    dead.mkdir()
-    alive = tmp_path / f".m.tmp-{os.getppid()}-abcd"
-    alive.write_text("someone else's merge in progress")
-    other = tmp_path / ".n.tmp-999999999-abcd"
-    other.write_text("another output's")
-    assert clean_stale(out) == [dead]
-    assert alive.exists() and other.exists()
 
 
 def test_unwritable_destination_is_a_clear_error(tmp_path: Path) -> None:
@@ -180,7 +182,7 @@ def test_unwritable_destination_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_copy_moves_bytes_unchanged_and_checks_sizes(tmp_path: Path) -> None:
-    from blockctl.stream import TensorReader
+    from blockctl.safetensors_io import TensorReader
 
     src = tmp_path / "src.safetensors"
     tensors = {"a": torch.arange(6, dtype=torch.float16).reshape(2, 3), "b": torch.ones(4)}
@@ -205,3 +207,30 @@ def test_copy_moves_bytes_unchanged_and_checks_sizes(tmp_path: Path) -> None:
         StreamWriter(tmp_path / "bad.safetensors", bad) as writer,
     ):
         writer.copy("a", reader)
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [("copy_file_range",), ("preadv",), ("copy_file_range", "preadv", "pread")],
+)
+def test_reader_and_copy_work_without_linux_only_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, missing: tuple[str, ...]
+) -> None:
+    """macOS and Windows lack ``os.copy_file_range`` (and Windows ``os.pread``/``preadv``)."""
+    from blockctl.safetensors_io import TensorReader
+
+    src = tmp_path / "src.safetensors"
+    tensors = {"a": torch.arange(6, dtype=torch.float16), "b": torch.ones(5), "c": torch.zeros(3)}
+    entries = [Entry(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    with StreamWriter(src, entries) as writer:
+        for k, v in tensors.items():
+            writer.write(k, v)
+    for name in missing:
+        monkeypatch.delattr(os, name, raising=False)
+    dst = tmp_path / "dst.safetensors"
+    with TensorReader(src) as reader, StreamWriter(dst, entries) as writer:
+        assert torch.equal(reader.get("b"), tensors["b"])
+        writer.copy("a", reader)  # a run of two adjacent tensors ...
+        writer.copy("b", reader)
+        writer.write("c", reader.get("c"))  # ... flushed before a computed one
+    assert dst.read_bytes() == src.read_bytes()

@@ -13,7 +13,13 @@ from blockctl.blocks import make_basis, slot_down
 from blockctl.errors import InvalidInput
 from blockctl.layout import layout_of, load_basis
 from blockctl.train.components import load_components
-from blockctl.train.slot_adapter import SlotLinear, TokenEmbedding, attach, freeze
+from blockctl.train.slot_adapter import (
+    SlotLinear,
+    TokenEmbedding,
+    attach,
+    freeze,
+    vocabulary_norms,
+)
 from registry import Registry
 
 
@@ -122,3 +128,37 @@ def test_attach_reaches_text_encoder_targets(tiny_base: Path, tmp_path: Path) ->
     assert text and all(isinstance(adapter.slots[n], SlotLinear) for n in text)
     wrapped = [m for m in comps.text_encoder.modules() if isinstance(m, SlotLinear)]
     assert len(wrapped) == len(text)
+
+
+def test_scratch_rows_stand_in_for_ids_after_the_token_and_never_train() -> None:
+    base = nn.Embedding(10, 4)
+    freeze(base)
+    emb = TokenEmbedding(base, token_id=10, init=base.weight[3].clone())
+    rows = torch.randn(2, 4)
+    emb.set_scratch(rows)
+    out = emb(torch.tensor([[11, 10, 12, 5]]))
+    torch.testing.assert_close(out[0, 0], rows[0])
+    torch.testing.assert_close(out[0, 2], rows[1])
+    torch.testing.assert_close(out[0, 3], base.weight[5])
+    out[0, 0].sum().backward()
+    assert emb.row.grad is None or float(emb.row.grad.abs().max()) == 0.0
+    emb.set_scratch(None)
+    assert emb.scratch.shape == (0, 4)
+    with pytest.raises(InvalidInput, match="inside the frozen vocabulary"):
+        TokenEmbedding(base, token_id=9, init=base.weight[3])
+
+
+def test_norm_bound_projects_the_row_back_after_a_step() -> None:
+    base = nn.Embedding(10, 4)
+    norms = vocabulary_norms(base.weight)
+    assert norms.smallest <= norms.median <= norms.largest
+    emb = TokenEmbedding(base, token_id=10, init=base.weight[3].clone(), max_norm=0.5)
+    with torch.no_grad():
+        emb.row.copy_(torch.tensor([[3.0, 4.0, 0.0, 0.0]]))
+    emb.project_()
+    torch.testing.assert_close(emb.row, torch.tensor([[0.3, 0.4, 0.0, 0.0]]))
+    emb.project_()  # inside the ball: unchanged
+    torch.testing.assert_close(emb.row, torch.tensor([[0.3, 0.4, 0.0, 0.0]]))
+    free = TokenEmbedding(base, token_id=10, init=torch.full((4,), 9.0))
+    free.project_()
+    assert float(free.row.detach().norm()) == pytest.approx(18.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -72,3 +73,45 @@ def test_erasure_loss_is_mse_to_a_detached_target() -> None:
     torch.testing.assert_close(loss, ((student - target) ** 2).mean())
     loss.backward()
     assert target.grad is None and student.grad is not None
+
+
+def test_mix_gives_standin_and_empty_prompts_in_their_shares(pool: roe.ErasurePool) -> None:
+    prompts = pool.sample(random.Random(3), 2000, roe.ErasureMix(standin=0.3, empty=0.1))
+    standins = [p for p in prompts if roe.STANDIN in p]
+    empty = [p for p in prompts if p == ""]
+    assert 500 < len(standins) < 700 and 140 < len(empty) < 260
+    assert all(p.count(roe.STANDIN) <= roe.MAX_STANDINS for p in standins)
+    assert any("dog" in p for p in standins)  # the concept's own class with another token
+    assert all("<rex>" not in p for p in prompts)
+
+
+def test_no_mix_draws_exactly_as_before(pool: roe.ErasurePool) -> None:
+    rng_a, rng_b = random.Random(7), random.Random(7)
+    assert pool.sample(rng_a, 50) == [pool._draw(rng_b) for _ in range(50)]
+
+
+def test_standins_are_spliced_in_as_scratch_ids(char_tokenizer: object) -> None:
+    tok: Any = char_tokenizer
+    prompts = ["a photo of a dog", "a photo of {x} dog on a {x} background", "{x}", ""]
+    ids, used = roe.tokenize_with_standins(tok, prompts, first_id=1000)
+    plain = tok(prompts[:1] + prompts[3:], padding="max_length", max_length=tok.model_max_length,
+                truncation=True, return_tensors="pt").input_ids  # fmt: skip
+    assert used == 3
+    assert torch.equal(ids[0], plain[0]) and torch.equal(ids[3], plain[1])
+    body = tok("a photo of", add_special_tokens=False).input_ids
+    row = ids[1].tolist()
+    assert row[0] == tok.bos_token_id and row[1 : 1 + len(body)] == body
+    assert row[1 + len(body)] == 1000 and 1001 in row and row.count(tok.eos_token_id) >= 1
+    assert ids[2].tolist()[:3] == [tok.bos_token_id, 1002, tok.eos_token_id]
+    assert ids.shape == (4, tok.model_max_length)
+
+
+def test_standin_rows_start_near_vocabulary_and_respect_the_bound() -> None:
+    table = torch.randn(50, 8) * 0.2
+    gen = torch.Generator().manual_seed(0)
+    rows = roe.standin_rows(table, range(10, 20), 64, offset=1.0, max_norm=0.3, gen=gen)
+    assert rows.shape == (64, 8) and float(rows.norm(dim=1).max()) <= 0.3 + 1e-6
+    free = roe.standin_rows(table, [3], 4, 0.0, None, torch.Generator().manual_seed(0))
+    assert torch.equal(free, table[[3, 3, 3, 3]])  # no offset: the anchor itself
+    again = roe.standin_rows(table, range(10, 20), 64, 1.0, 0.3, torch.Generator().manual_seed(0))
+    assert torch.equal(rows, again)

@@ -138,3 +138,66 @@ def test_token_isolation_penalises_only_what_other_slots_can_see(
     row = s.inputs.adapter.embedding.row.grad
     assert row is not None and float(row.abs().max()) > 0
     assert all(p.grad is None for p in s.inputs.adapter.slot_parameters())
+
+
+def test_standin_erasure_targets_the_base_on_the_same_standin_embeddings(
+    tiny_registry: Registry, tmp_path: Path
+) -> None:
+    """A stand-in prompt's target is the base model fed the SAME stand-in rows, its student the
+    adapted model on them; the learnt token row is never moved by it."""
+    s = _session(
+        tiny_registry, tmp_path, roe_prob=1.0, roe_standin=1.0, token_norm_bound=1.0,
+        batch_size=2, roe_batch_size=2,
+    )  # fmt: skip
+    adapter, comps = s.inputs.adapter, s.inputs.components
+    b = next(
+        m for step in range(10) if (m := loop.micro_batch(s.inputs, step, 0, 0)).erasure
+        and m.erasure.standins is not None
+    )  # fmt: skip
+    e = b.erasure
+    assert e is not None and e.standins is not None
+    first = adapter.embedding.scratch_start
+    assert int((e.ids >= first).sum()) == e.standins.shape[0] >= 2
+    assert adapter.embedding.token_id not in e.ids.tolist()[0]
+    max_norm = adapter.embedding.max_norm
+    assert max_norm is not None and float(e.standins.norm(dim=1).max()) <= max_norm + 1e-6
+    _, student, target, _ = s.model(b.noisy, b.timesteps, b.ids, e)
+    assert student is not None and target is not None
+    with torch.no_grad():
+        adapter.embedding.set_scratch(e.standins)
+        cond = comps.text_encoder(e.ids)[0]
+        with adapter.disabled():
+            base = comps.unet(e.noisy, e.timesteps, cond).sample
+        adapter.embedding.set_scratch(None)
+    torch.testing.assert_close(target, base, rtol=1e-4, atol=1e-5)
+    assert adapter.embedding.scratch.shape[0] == 0  # cleared after the step's forward
+    roe.erasure_loss(student, target).backward()
+    row = adapter.embedding.row.grad
+    assert row is None or float(row.abs().max()) == 0.0
+
+
+def test_bound_holds_through_training_and_the_strength_curve_is_kept(
+    tiny_registry: Registry, tmp_path: Path
+) -> None:
+    s = _session(tiny_registry, tmp_path, token_norm_bound=1.0, steps=4, embedding_lr=1.0)
+    state = loop.run(s.inputs, s.accelerator, s.model, s.optimizer, s.state)
+    emb = s.inputs.adapter.embedding
+    assert emb.max_norm is not None and float(emb.row.norm()) <= emb.max_norm + 1e-6
+    assert [step for step, _ in state.strength] == [4]  # every 50 steps, and the last
+    assert state.strength[0][1] > 0
+
+
+def test_strength_target_stops_a_run_early_and_a_high_one_runs_to_the_end(
+    tiny_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blockctl.train.strength import smoothed
+
+    monkeypatch.setattr(loop, "STRENGTH_EVERY", 2)  # sample every 2 steps: a short test
+    low = _session(tiny_registry, tmp_path, steps=40, strength_target=1e-12, min_steps=4)
+    state = loop.run(low.inputs, low.accelerator, low.model, low.optimizer, low.state)
+    assert state.step == 6 and state.strong_enough  # 3 samples (2, 4, 6) to smooth over
+    assert [s for s, _ in state.strength] == [2, 4, 6]
+    high = _session(tiny_registry, tmp_path, steps=4, strength_target=1e9, min_steps=1)
+    state = loop.run(high.inputs, high.accelerator, high.model, high.optimizer, high.state)
+    assert state.step == 4 and not state.strong_enough
+    assert smoothed([(1, 1.0), (2, 2.0)]) is None and smoothed([(1, 1.0)] * 3) == 1.0

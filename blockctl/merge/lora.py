@@ -1,11 +1,14 @@
-"""Merge into one LoRA of rank |S|·r for diffusers' ``load_lora_weights``.
+"""Merge into one LoRA of rank |S|·r, for diffusers' ``load_lora_weights``, ComfyUI and
+AUTOMATIC1111.
 
 Per target: ``lora_A = [A_s; …]`` (stacked slot down-projections) and
-``lora_B = [scale_s·B_s | …]``, so ``B @ A = Σ_s scale_s·B_s A_s`` exactly. With
-``lora_alpha = r`` the peft scaling is 1. Keys are peft/diffusers style
-(``unet.<module>.lora_A.weight``) or kohya style (``lora_unet_<module_>.lora_down.weight`` +
-``.alpha``). diffusers refuses LoRA files holding any key without "lora" in it, so the concept
-tokens go to a sidecar textual-inversion file (``<stem>.tokens.safetensors``).
+``lora_B = [scale_s·B_s | …]``, so ``B @ A = Σ_s scale_s·B_s A_s`` exactly, with alpha = rank
+(scaling 1). Keys are kohya style by default (``lora_unet_<module_>.lora_down.weight`` +
+``.alpha``: what diffusers, ComfyUI and AUTOMATIC1111 all read) or peft style on request
+(``unet.<module>.lora_A.weight``, diffusers' own). Text encoder modules are named under
+``text_model.``, as those clients expect. diffusers refuses LoRA files holding any key without
+"lora" in it, so the concept tokens go to a sidecar textual-inversion file
+(``<stem>.tokens.safetensors``).
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from blockctl.formats import pause_mid_write
-from blockctl.formats.single_file import sidecar_path, write_token_sidecar
-from blockctl.merge import parse_dtype
-from blockctl.stream import CODE_DTYPES, Entry, StreamWriter
+from blockctl.clip_names import prefixed_module
+from blockctl.merge.plan import parse_dtype
+from blockctl.merge.single_file import sidecar_path, write_token_sidecar
+from blockctl.merge.writers import pause_mid_write
+from blockctl.safetensors_io import CODE_DTYPES, Entry, StreamWriter
 
 if TYPE_CHECKING:
     from blockctl.layout import Target
@@ -29,12 +33,21 @@ ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # what diffusers reads the LoraC
 _KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 
+def client_module(target: Target) -> str:
+    """The module name LoRA clients look for: text encoder layers under ``text_model.``
+    (transformers 4 naming, which kohya, ComfyUI, AUTOMATIC1111 and diffusers all accept)."""
+    if target.component == "text_encoder":
+        return prefixed_module(target.module)
+    return target.module
+
+
 def peft_keys(target: Target) -> tuple[str, str]:
-    return f"{target.name}.lora_A.weight", f"{target.name}.lora_B.weight"
+    name = f"{target.component}.{client_module(target)}"
+    return f"{name}.lora_A.weight", f"{name}.lora_B.weight"
 
 
 def kohya_name(target: Target) -> str:
-    return _KOHYA_PREFIX[target.component] + target.module.replace(".", "_")
+    return _KOHYA_PREFIX[target.component] + client_module(target).replace(".", "_")
 
 
 class LoraFile:
@@ -58,7 +71,9 @@ def _rank(plan: MergePlan) -> int:
 
 
 def adapter_metadata(plan: MergePlan) -> dict[str, object]:
-    """diffusers' packed LoraConfig kwargs, one set per component (``unet.r``, …)."""
+    """diffusers' packed LoraConfig kwargs, one set per component (``unet.r``, …). Target
+    modules stay without ``text_model.``: peft matches them as name suffixes, so they find the
+    layer in transformers 4 and 5 models alike."""
     out: dict[str, object] = {}
     for component in sorted({t.component for t in plan.layout.targets}):
         modules = sorted(t.module for t in plan.layout.targets if t.component == component)

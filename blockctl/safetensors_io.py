@@ -1,8 +1,12 @@
-"""Streaming safetensors I/O: peak memory ≈ the largest tensor, not the model.
+"""Safetensors I/O in one place: the dtype tables, an untrusting header reader, a streaming
+reader and writer, and atomic saves.
 
 ``StreamWriter`` writes the header first, from shapes and dtypes known in advance, then each
-tensor's bytes in the announced order as it is produced. ``iter_tensors`` reads a file one
-tensor at a time; ``read_entries`` reads only the header, through ``safe_open``.
+tensor's bytes in the announced order as it is produced, so peak memory is about the largest
+tensor, not the model. ``TensorReader`` reads single tensors with plain reads; ``read_entries``
+reads only the header, through ``safe_open``. ``read_header`` checks a file byte by byte before
+anything trusts it, so a truncated file, a header that lies about sizes or a huge header is
+refused with a reason instead of a crash.
 """
 
 from __future__ import annotations
@@ -12,13 +16,18 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import torch
 from safetensors import safe_open
+
+from blockctl.atomic import atomic_write
+from blockctl.errors import ValidationFailed
 
 DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -26,6 +35,11 @@ DTYPE_CODES: dict[torch.dtype, str] = {
     torch.uint8: "U8", torch.bool: "BOOL",
 }  # fmt: skip
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+CODE_WIDTHS = {  # bytes per element, by safetensors dtype code
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+MAX_HEADER_BYTES = 16 * 1024 * 1024
 _CHUNK = 64 << 20  # fallback copy buffer: bounded, whatever the run length
 
 
@@ -128,18 +142,20 @@ class StreamWriter:
             return
         reader, offset, nbytes = self._run
         self._run = None
+        # Linux only: macOS and Windows have no ``os.copy_file_range``.
+        kernel_copy = getattr(os, "copy_file_range", None)
         done = 0
         try:
-            while done < nbytes:
-                n = os.copy_file_range(
-                    reader.fileno(), self._fh.fileno(), nbytes - done, offset + done
-                )
+            while kernel_copy is not None and done < nbytes:
+                n = kernel_copy(reader.fileno(), self._fh.fileno(), nbytes - done, offset + done)
                 if n == 0:
                     raise ValueError(f"{reader.path.name}: truncated tensor data")
                 done += n
-        except OSError:  # no kernel copy between these filesystems: copy through memory
-            for start in range(offset + done, offset + nbytes, _CHUNK):
-                self._write_all(reader.read_bytes(start, min(_CHUNK, offset + nbytes - start)))
+        except OSError:  # no kernel copy between these filesystems
+            pass
+        # Whatever the kernel did not copy goes through memory, in bounded chunks.
+        for start in range(offset + done, offset + nbytes, _CHUNK):
+            self._write_all(reader.read_bytes(start, min(_CHUNK, offset + nbytes - start)))
 
     def close(self) -> None:
         """Finish the file; an incomplete file is an error (the caller discards it)."""
@@ -185,11 +201,6 @@ def read_entries(path: Path) -> list[Entry]:
     return out
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
-
-
 class TensorReader:
     """Reads single tensors of a safetensors file with plain reads, not safe_open's memory
     map: every page of a mapped file stays resident (and counted in RSS) while the mapping is
@@ -201,6 +212,7 @@ class TensorReader:
         (n,) = struct.unpack("<Q", self._fh.read(8))
         self._header = json.loads(self._fh.read(n))
         self._start = 8 + n
+        self._lock = threading.Lock()
 
     def keys_in_file_order(self) -> list[str]:
         tensors = [k for k in self._header if k != "__metadata__"]
@@ -218,16 +230,26 @@ class TensorReader:
         return self._fh.fileno()
 
     def read_bytes(self, offset: int, nbytes: int) -> bytearray:
-        """``nbytes`` at ``offset``; positional reads, so threads may share the reader."""
+        """``nbytes`` at ``offset``; safe to call from several threads at once."""
         buf = bytearray(nbytes)
         view = memoryview(buf)
         done = 0
         while done < nbytes:
-            n = os.preadv(self._fh.fileno(), [view[done:]], offset + done)
+            n = self._read_into(view[done:], offset + done)
             if n == 0:
                 raise ValueError(f"{self.path.name}: truncated data at offset {offset + done}")
             done += n
         return buf
+
+    def _read_into(self, view: memoryview, offset: int) -> int:
+        # Positional reads need no shared file position; Windows has no ``os.preadv``, so
+        # there a seek and a read happen together under the lock instead.
+        positional = getattr(os, "preadv", None)
+        if positional is not None:
+            return int(positional(self._fh.fileno(), [view], offset))
+        with self._lock:
+            self._fh.seek(offset)
+            return self._fh.readinto(view) or 0
 
     def get(self, key: str) -> torch.Tensor:
         dtype, shape, (offset, nbytes) = self.span(key)
@@ -245,8 +267,76 @@ class TensorReader:
         self.close()
 
 
-def iter_tensors(path: Path, keys: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(key, tensor)`` for ``keys`` in order, one at a time."""
-    with TensorReader(path) as reader:
-        for key in keys:
-            yield key, reader.get(key)
+def read_header(path: Path) -> dict[str, Any]:
+    """Parse and sanity-check a safetensors header without trusting it."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise ValidationFailed(f"{path.name}: not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES:
+                raise ValidationFailed(
+                    f"{path.name}: not a safetensors file, or a hostile one: header claims "
+                    f"{n} bytes (limit {MAX_HEADER_BYTES})"
+                )
+            if 8 + n > size:
+                raise ValidationFailed(f"{path.name}: truncated (header runs past end of file)")
+            raw = fh.read(n)
+    except OSError as exc:
+        raise ValidationFailed(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValidationFailed(f"{path.name}: not a safetensors file (header is not JSON)") from exc
+    if not isinstance(header, dict):
+        raise ValidationFailed(f"{path.name}: not a safetensors file (header is not an object)")
+    _check_offsets(path.name, header, size - 8 - n)
+    return header
+
+
+def _check_offsets(name: str, header: dict[str, Any], data_len: int) -> None:
+    spans = []
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    ends = [v.get("data_offsets", [0, 0])[1] for v in entries.values() if isinstance(v, dict)]
+    if ends and all(isinstance(e, int) for e in ends) and max(ends) > data_len:
+        raise ValidationFailed(
+            f"{name}: truncated (tensor data needs {max(ends)} bytes, file has {data_len})"
+        )
+    for key, info in header.items():
+        if key == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise ValidationFailed(f"{name}: metadata must map strings to strings")
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            width = CODE_WIDTHS[dtype]
+            count = math.prod(int(d) for d in shape)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValidationFailed(f"{name}: malformed header entry for {key!r}") from exc
+        if not (0 <= start <= end <= data_len) or end - start != count * width:
+            raise ValidationFailed(
+                f"{name}: header lies about the size of {key!r} "
+                f"({end - start} bytes for {dtype}{list(shape)}, data section {data_len})"
+            )
+        spans.append((start, end))
+    spans.sort()
+    cursor = 0
+    for start, end in spans:
+        if start != cursor:
+            raise ValidationFailed(f"{name}: tensor data overlaps or leaves gaps")
+        cursor = end
+    if cursor != data_len:
+        raise ValidationFailed(f"{name}: {data_len - cursor} trailing bytes after tensor data")
+
+
+def save_file_atomic(
+    tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]
+) -> None:
+    """``safetensors.torch.save_file``, written to a temporary sibling and renamed into place."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as staged:
+        save_file(dict(tensors), str(staged.temp), metadata=dict(metadata))

@@ -19,11 +19,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from blockctl.clip_names import prefixed_module
 from blockctl.errors import InvalidInput
-from blockctl.formats import computed_ahead, pause_mid_write
-from blockctl.layout import canonical_module
-from blockctl.merge import parse_dtype
-from blockctl.stream import Entry, StreamWriter, TensorReader, read_entries
+from blockctl.merge.plan import parse_dtype
+from blockctl.merge.writers import computed_ahead, pause_mid_write
+from blockctl.safetensors_io import (
+    CODE_DTYPES,
+    Entry,
+    StreamWriter,
+    TensorReader,
+    read_entries,
+)
 
 if TYPE_CHECKING:
     from blockctl.base_model import BaseFolder
@@ -31,7 +37,7 @@ if TYPE_CHECKING:
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer."  # then text_model.*, as transformers 4 named it
+TEXT_PREFIX = "cond_stage_model.transformer."  # then text_model.*, as transformers 4 names it
 COMPONENTS = ("unet", "vae", "text_encoder")
 
 _UNET_FIXED = {
@@ -128,7 +134,7 @@ def is_vae_attention_weight(ldm_key: str, shape: tuple[int, ...]) -> bool:
 def key_mapper(base: BaseFolder, component: str) -> Callable[[str], str]:
     """diffusers key → full original-layout key, for one component of ``base``."""
     if component == "text_encoder":
-        return lambda key: TEXT_PREFIX + "text_model." + canonical_module(key)
+        return lambda key: TEXT_PREFIX + prefixed_module(key)
     config = json.loads((base.component_dir(component) / "config.json").read_text())
     if component == "unet":
         return lambda key: UNET_PREFIX + unet_key(key, config)
@@ -199,7 +205,7 @@ def write_token_sidecar(plan: MergePlan, out: Path, dtype: torch.dtype | None, f
     from blockctl.layout import TOKEN_EMBEDDING_KEY
 
     base_dtype = plan.base.info("text_encoder", TOKEN_EMBEDDING_KEY).dtype
-    stored = dtype or {"F16": torch.float16, "BF16": torch.bfloat16}.get(base_dtype, torch.float32)
+    stored = dtype or CODE_DTYPES.get(base_dtype, torch.float32)
     rows = {tok: row.to(stored) for tok, row in plan.token_rows}
     entries = [Entry(tok, t.dtype, tuple(t.shape)) for tok, t in sorted(rows.items())]
     with StreamWriter(out, entries, plan.metadata(f"{fmt}-tokens", dtype)) as writer:

@@ -1,16 +1,16 @@
-"""Instant merge of any subset of published concepts (DESIGN section 8).
+"""Planning a merge (DESIGN section 8): the request checked against the registry and
+everything the writers need loaded, nothing written yet.
 
-``plan_merge`` checks the request against the registry and loads the selected adapters' B
-blocks (small: rank × out per target). The output writers in ``blockctl.formats`` then stream
-the base tensor by tensor through ``MergePlan.produce``: ``W' = W + Σ_s scale_s·B_s A_s`` as one
-float32 matmul per target, cast at the end to the output dtype.
+``plan_merge`` loads the selected adapters' B blocks (small: rank × out per target). The output
+writers (one module per format in this package) then stream the base tensor by tensor through
+``MergePlan.produce``: ``W' = W + Σ_s scale_s·B_s A_s`` as one float32 matmul per target, cast
+at the end to the output dtype.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,25 +20,23 @@ import torch
 from blockctl import blocks
 from blockctl.adapter import load_adapter, token_key
 from blockctl.base_model import BaseFolder, resolve_base
+from blockctl.clip_names import canonical_module
 from blockctl.errors import InvalidInput, SlotConflict, ValidationFailed
 from blockctl.layout import (
     TOKEN_EMBEDDING_KEY,
     Layout,
     Target,
-    canonical_module,
     fingerprint,
     layout_of,
     load_basis,
     sha256_file,
 )
-from blockctl.stream import Entry
+from blockctl.merge.choices import DEFAULT_FORMAT, DEFAULT_LORA_KEYS, FORMATS, LORA_KEYS
+from blockctl.merge.record import MERGE_FORMAT, META_KEY
+from blockctl.safetensors_io import Entry
 from blockctl.verify import adapter_problems
 from registry.base import Registry
 
-MERGE_FORMAT = "blockctl.merge/1"
-META_KEY = "blockctl.merge"  # safetensors metadata key holding the merge record (JSON)
-FORMATS = ("diffusers", "single-file", "lora")
-LORA_KEYS = ("peft", "kohya")
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -81,10 +79,10 @@ def parse_scales(items: Sequence[str]) -> dict[str, float]:
 @dataclass(frozen=True)
 class MergeOptions:
     out: Path
-    format: str = "diffusers"
+    format: str = DEFAULT_FORMAT
     dtype: str | None = None  # None: every tensor keeps the base's dtype
     scales: Mapping[str, float] = field(default_factory=dict)
-    lora_keys: str = "peft"
+    lora_keys: str = DEFAULT_LORA_KEYS
     force: bool = False
     copy: bool = False  # diffusers: copy the files the merge leaves unchanged instead of linking
 
@@ -209,7 +207,6 @@ class MergePlan:
         tokens: bool = True,
     ) -> torch.Tensor:
         out_dtype = _cast_dtype(tensor.dtype, dtype)
-        # Bases saved by transformers 4 store text encoder keys under ``text_model.``.
         target = self.targets(component).get(canonical_module(key))
         if target is not None:
             return blocks.apply_delta(tensor, self.delta(target)).to(out_dtype)
@@ -320,55 +317,3 @@ def plan_merge(
         bases=load_basis(registry.basis_path(), layout),
         token_rows=rows,
     )
-
-
-@dataclass(frozen=True)
-class MergeResult:
-    out: Path
-    format: str
-    files: tuple[Path, ...]
-    selected: tuple[Selected, ...]
-    seconds: float
-    bytes: int
-    notes: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "out": str(self.out),
-            "format": self.format,
-            "files": [str(f) for f in self.files],
-            "concepts": [s.to_dict() for s in self.selected],
-            "slots": [s.slot for s in self.selected],
-            "seconds": round(self.seconds, 4),
-            "bytes": self.bytes,
-            "notes": list(self.notes),
-        }
-
-
-def merge(registry: Registry, concepts: Sequence[str], options: MergeOptions) -> MergeResult:
-    """Merge ``concepts`` into ``options.out``, atomically."""
-    from blockctl.formats import staged, writer_for
-
-    start = time.perf_counter()
-    options.check()
-    plan = plan_merge(registry, concepts, options.scales)
-    writer = writer_for(options.format)
-    outputs = writer.outputs(options.out, plan)
-    with staged(outputs, force=options.force) as temps:
-        notes = writer.write(plan, temps, options)
-    size = sum(_size(p) for p in outputs)
-    return MergeResult(
-        out=options.out,
-        format=options.format,
-        files=tuple(outputs),
-        selected=plan.selected,
-        seconds=time.perf_counter() - start,
-        bytes=size,
-        notes=tuple(notes),
-    )
-
-
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size

@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from blockctl.errors import InvalidInput
-from blockctl.formats import computed_ahead, pause_mid_write
 from blockctl.layout import TOKEN_EMBEDDING_KEY
 from blockctl.linking import Placer
-from blockctl.merge import parse_dtype
-from blockctl.stream import StreamWriter, TensorReader, read_entries
+from blockctl.merge.plan import parse_dtype
+from blockctl.merge.record import RECORD_NAME
+from blockctl.merge.writers import computed_ahead, pause_mid_write
+from blockctl.safetensors_io import StreamWriter, TensorReader, read_entries
 
 if TYPE_CHECKING:
     from blockctl.merge import MergeOptions, MergePlan
 
-RECORD_NAME = "blockctl_merge.json"
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 Place = Callable[[Path, Path], object]  # how an unchanged file gets from the base to the output
 
