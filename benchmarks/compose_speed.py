@@ -46,10 +46,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from merge_speed import (  # noqa: E402 - the path above makes the sibling importable
+from bench_meta import git_commit, versions  # noqa: E402 - siblings, importable by the path above
+from merge_speed import (  # noqa: E402
     build_base,
     build_registry,
-    git_commit,
     peak_rss_bytes,
     run_child,
     warm,
@@ -316,20 +316,6 @@ def export_loras(reg_path: Path, out: Path, n: int) -> Path:
         if not path.exists():
             merge(reg, [name], MergeOptions(out=path, format="lora", lora_keys="peft"))
     return out
-
-
-def versions() -> dict[str, str]:
-    import diffusers
-    import peft
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
 
 
 def main() -> None:

@@ -32,6 +32,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_meta import git_commit  # noqa: E402 - a sibling, importable by the path above
 
 SD15_UNET: dict[str, Any] = {
     "sample_size": 64,
@@ -272,18 +275,6 @@ def timed_copy(src: Path, dst: Path) -> float:
     seconds = time.perf_counter() - t
     shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
     return seconds
-
-
-def git_commit() -> str:
-    """HEAD of the checkout the benchmark ran from, marked when files were modified."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    return head.stdout.strip() + ("+modified" if dirty.stdout.strip() else "")
 
 
 def main() -> None:
