@@ -1,9 +1,10 @@
 """Merge into a diffusers pipeline folder: what ``from_pretrained`` loads.
 
 Every safetensors file of a changed component is streamed tensor by tensor; everything else
-(vae, scheduler, configs, …) is copied byte for byte unless ``--dtype`` recasts it. Concept
-tokens are appended to the tokenizer and their rows to the text encoder's token embedding.
-Pickled weights are never copied: blockctl only ever writes safetensors.
+(vae, scheduler, configs, …) is linked to the base's file (``blockctl.linking``; copied byte
+for byte with ``--copy``) unless ``--dtype`` recasts it. Concept tokens are appended to the
+tokenizer and their rows to the text encoder's token embedding. Pickled weights are never
+copied: blockctl only ever writes safetensors.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ import torch
 
 from blockctl.errors import InvalidInput
 from blockctl.layout import TOKEN_EMBEDDING_KEY
+from blockctl.linking import Placer
 from blockctl.merge.plan import parse_dtype
 from blockctl.merge.record import RECORD_NAME
 from blockctl.merge.writers import computed_ahead, pause_mid_write
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from blockctl.merge import MergeOptions, MergePlan
 
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+Place = Callable[[Path, Path], object]  # how an unchanged file gets from the base to the output
 
 
 class DiffusersFolder:
@@ -35,14 +38,21 @@ class DiffusersFolder:
         return [out]
 
     def write(self, plan: MergePlan, temps: list[Path], options: MergeOptions) -> list[str]:
-        write_folder(plan, plan.base.root, temps[0], parse_dtype(options.dtype))
-        return []
+        placer = Placer(copy=options.copy)
+        write_folder(plan, plan.base.root, temps[0], parse_dtype(options.dtype), placer)
+        return placer.notes()
 
 
 WRITER = DiffusersFolder()
 
 
-def write_folder(plan: MergePlan, src: Path, dst: Path, dtype: torch.dtype | None) -> None:
+def write_folder(
+    plan: MergePlan,
+    src: Path,
+    dst: Path,
+    dtype: torch.dtype | None,
+    place: Place = shutil.copyfile,
+) -> None:
     dst.mkdir()
     paused = False
     for path in sorted(src.rglob("*")):
@@ -55,28 +65,33 @@ def write_folder(plan: MergePlan, src: Path, dst: Path, dtype: torch.dtype | Non
             continue
         component = rel.parts[0] if len(rel.parts) > 1 else ""
         if path.suffix == ".safetensors" and component:
-            _write_weights(plan, component, path, target, dtype)
+            _write_weights(plan, component, path, target, dtype, place)
             if not paused:
                 pause_mid_write()
                 paused = True
-        elif rel == Path("text_encoder", "config.json"):
+        elif rel == Path("text_encoder", "config.json") and (plan.token_rows or dtype is not None):
             _write_text_config(plan, path, target, dtype)
         elif component == "tokenizer" and plan.token_rows:
             continue  # written below, from the tokenizer itself
         else:
-            shutil.copyfile(path, target)
+            place(path, target)
     if plan.token_rows:
-        _write_tokenizer(plan, src / "tokenizer", dst / "tokenizer")
+        _write_tokenizer(plan, src / "tokenizer", dst / "tokenizer", place)
     record = plan.record("diffusers", dtype)
     (dst / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def _write_weights(
-    plan: MergePlan, component: str, src: Path, dst: Path, dtype: torch.dtype | None
+    plan: MergePlan,
+    component: str,
+    src: Path,
+    dst: Path,
+    dtype: torch.dtype | None,
+    place: Place,
 ) -> None:
     entries = {e.key: e for e in read_entries(src)}
     if all(plan.passthrough(component, e, dtype) for e in entries.values()):
-        shutil.copyfile(src, dst)  # nothing changes: the bytes are the base's
+        place(src, dst)  # nothing changes: the bytes are the base's
         return
     with TensorReader(src) as reader:
         # The base's own data order, so the untouched runs are copied in file order.
@@ -109,7 +124,7 @@ def _write_text_config(plan: MergePlan, src: Path, dst: Path, dtype: torch.dtype
     dst.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _write_tokenizer(plan: MergePlan, src: Path, dst: Path) -> None:
+def _write_tokenizer(plan: MergePlan, src: Path, dst: Path, place: Place) -> None:
     rows = plan.base.info("text_encoder", TOKEN_EMBEDDING_KEY).shape[0]
     tokens = [tok for tok, _ in plan.token_rows]
     dst.mkdir(parents=True, exist_ok=True)
@@ -122,7 +137,7 @@ def _write_tokenizer(plan: MergePlan, src: Path, dst: Path) -> None:
     # Everything else (config, vocab.json/merges.txt for old-style readers) stays as it was.
     for path in sorted(src.iterdir()):
         if path.is_file() and not (dst / path.name).exists() and path.suffix not in _PICKLES:
-            shutil.copyfile(path, dst / path.name)
+            place(path, dst / path.name)
 
 
 def _check_ids(ids: Sequence[int | None], tokens: list[str], rows: int, size: int) -> None:

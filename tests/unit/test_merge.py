@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -18,21 +17,13 @@ from blockctl.layout import layout_of, sha256_file
 from blockctl.merge import MergeOptions, merge, parse_dtype, parse_scales, plan_merge
 from blockctl.merged_check import check_merged
 from registry import Registry
+from tests.support.files import digest_tree
 from tests.support.registries import make_published
 
 
 @pytest.fixture(scope="module")
 def reg(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Registry:
     return make_published(tmp_path_factory.mktemp("merge-reg"), tiny_base)
-
-
-def digest_tree(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(path)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def expected_weight(
