@@ -17,14 +17,15 @@ from blockctl.train import TrainRequest, train
 from registry import Registry, open_registry
 
 PHOTOS_PER_CONCEPT = 12
+PHOTO_SEED = 0  # every run trains on the same photos: a training seed varies the training only
 
 
-def photos_for(work: Path, name: str, seed: int) -> Path:
+def photos_for(work: Path, name: str) -> Path:
     photos = work / "photos" / name
     if not photos.is_dir():
         tmp = photos.with_name(name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
-        for i, (img, _) in enumerate(render_concept(name, PHOTOS_PER_CONCEPT, seed)):
+        for i, (img, _) in enumerate(render_concept(name, PHOTOS_PER_CONCEPT, PHOTO_SEED)):
             img.save(tmp / f"{i:03d}.png")
         tmp.rename(photos)
     return photos
@@ -49,7 +50,7 @@ def slot_registry(
     for name in concepts:
         if name in published:
             continue
-        photos = photos_for(work, name, seed)
+        photos = photos_for(work, name)
         if not any(r.concept == name for r in reg.slots()):
             reg.reserve(name, f"<{name}>", CONCEPTS[name].class_word, "benchmark")
         t0 = time.perf_counter()

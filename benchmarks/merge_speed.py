@@ -1,7 +1,9 @@
 """Merge speed on an SD-1.5-shaped pipeline: blockctl merge vs copying the UNet file (the I/O
-floor) vs diffusers' own path (load_lora_weights ×N + fuse_lora + save_pretrained); and on an
-SDXL-shaped one (``sdxl`` in the results): blockctl merge into each format vs copying the UNet
-file, in the same run.
+floor) vs diffusers' own path (load_lora_weights ×N + fuse_lora + save_pretrained). blockctl runs
+twice: linking the files the merge leaves unchanged to the base's (the default) and with
+``--copy`` (full copies), with the bytes each actually writes. And on an SDXL-shaped pipeline
+(``sdxl`` in the results): blockctl merge into each format vs copying the UNet file, in the
+same run.
 
 The base is written here with random fp16 weights, no download: the published SD 1.5 UNet and
 VAE configs, and a CLIP text encoder of SD 1.5's width and depth (768 wide, 12 layers) whose
@@ -38,6 +40,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_meta import git_commit  # noqa: E402 - a sibling, importable by the path above
 
 SD15_UNET: dict[str, Any] = {
     "sample_size": 64,
@@ -286,11 +291,19 @@ def build_registry(root: Path, base: Path, n: int) -> Path:
     return where
 
 
-_HWM = """
-def hwm():  # this process's own peak RSS; ru_maxrss would include the forking parent's
-    for line in open("/proc/self/status"):
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS (VmHWM); ru_maxrss of a child would include the forking
+    parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (not Linux?)")
+
+
+_HWM = """
+import sys
+sys.path.insert(0, "benchmarks")
+from merge_speed import peak_rss_bytes as hwm
 """
 
 _BLOCKCTL = (
@@ -300,10 +313,11 @@ import json, sys, time
 from pathlib import Path
 from blockctl.merge import MergeOptions, merge
 from registry import open_registry
-reg, out, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-fmt = sys.argv[4] if len(sys.argv) > 4 else "diffusers"
+reg, out, n, copy = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "copy"
+fmt = sys.argv[5] if len(sys.argv) > 5 else "diffusers"
 t = time.perf_counter()
-merge(open_registry(reg), [f"c{i:02d}" for i in range(n)], MergeOptions(out=out, format=fmt))
+merge(open_registry(reg), [f"c{i:02d}" for i in range(n)],
+      MergeOptions(out=out, copy=copy, format=fmt))
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_bytes": hwm()}))
 """
 )
@@ -330,7 +344,7 @@ print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_bytes": hwm()}))
 )
 
 
-def run_child(code: str, *args: str) -> dict[str, float]:
+def run_child(code: str, *args: str) -> dict[str, Any]:
     """Run ``code`` in a fresh interpreter: the seconds and peak RSS it reports, and wall time."""
     start = time.perf_counter()
     proc = subprocess.Popen(
@@ -356,6 +370,12 @@ def warm(path: Path) -> None:
                 pass
 
 
+def written_bytes(folder: Path) -> int:
+    """Bytes of the files that are not links to (or clones of) another file."""
+    files = [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
+    return sum(p.stat().st_size for p in files if p.stat().st_nlink == 1)
+
+
 def timed_copy(src: Path, dst: Path) -> float:
     t = time.perf_counter()
     if src.is_dir():
@@ -369,8 +389,6 @@ def timed_copy(src: Path, dst: Path) -> float:
 
 def sd15_case(args: argparse.Namespace) -> dict[str, Any]:
     """The SD-1.5-shaped pipeline against the UNet-file copy and diffusers' fuse path."""
-    from bench_meta import run_meta
-
     work: Path = args.work
     from blockctl.merge import MergeOptions, merge
     from registry import open_registry
@@ -385,14 +403,20 @@ def sd15_case(args: argparse.Namespace) -> dict[str, Any]:
     warm(base)
 
     # Interleaved, best of each: the disk is shared, so conditions drift between runs.
-    copies, folder_copies, ours = [], [], []
+    copies: list[float] = []
+    folder_copies: list[float] = []
+    ours: list[dict[str, Any]] = []
+    ours_copy: list[dict[str, Any]] = []
+    written: dict[str, int] = {}
     for _ in range(args.repeats):
         copies.append(timed_copy(unet_file, work / "copy.safetensors"))
         folder_copies.append(timed_copy(base, work / "copy-folder"))
-        out = work / "blockctl-out"
-        shutil.rmtree(out, ignore_errors=True)
-        ours.append(run_child(_BLOCKCTL, str(reg_path), str(out), str(args.concepts)))
-        shutil.rmtree(out)
+        for mode, runs in (("link", ours), ("copy", ours_copy)):
+            out = work / "blockctl-out"
+            shutil.rmtree(out, ignore_errors=True)
+            runs.append(run_child(_BLOCKCTL, str(reg_path), str(out), str(args.concepts), mode))
+            written[mode] = written_bytes(out)
+            shutil.rmtree(out)
 
     # diffusers' path gets each concept as an ordinary rank-4 LoRA (exported by blockctl).
     reg = open_registry(str(reg_path))
@@ -421,11 +445,14 @@ def sd15_case(args: argparse.Namespace) -> dict[str, Any]:
         scaling[str(n)] = round(min(times), 3)
 
     best_ours = min(r["seconds"] for r in ours)
-    peak = max(r["peak_rss_bytes"] for r in ours)
+    best_copy = min(r["seconds"] for r in ours_copy)
+    peak = max(r["peak_rss_bytes"] for r in ours + ours_copy)
     result = {
         "what": "blockctl merge of N rank-4 concepts into an SD-1.5-shaped fp16 diffusers "
-        "pipeline (cross-kv preset), vs copying the UNet file and diffusers' "
-        "load_lora_weights xN + fuse_lora + save_pretrained",
+        "pipeline (cross-kv preset), unchanged files linked to the base (default) or copied "
+        "(--copy), vs copying the UNet file and diffusers' load_lora_weights xN + fuse_lora + "
+        "save_pretrained",
+        "git_commit": git_commit(),
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -443,10 +470,23 @@ def sd15_case(args: argparse.Namespace) -> dict[str, Any]:
             "copy_unet_file": round(min(copies), 3),
             "copy_pipeline_folder": round(min(folder_copies), 3),
             "blockctl_merge": round(best_ours, 3),
+            "blockctl_merge_copy": round(best_copy, 3),
             "diffusers_fuse_save": round(theirs["seconds"], 3),
+        },
+        "all_seconds": {
+            "copy_unet_file": [round(x, 3) for x in copies],
+            "blockctl_merge": [round(r["seconds"], 3) for r in ours],
+            "blockctl_merge_copy": [round(r["seconds"], 3) for r in ours_copy],
+        },
+        "bytes_written": {
+            "blockctl_merge": written["link"],
+            "blockctl_merge_copy": written["copy"],
+            "note": "files of the output that are not hard links to the base's (nlink == 1)",
         },
         "ratios": {
             "blockctl_vs_copy_unet_file": round(best_ours / min(copies), 2),
+            "blockctl_copy_vs_copy_unet_file": round(best_copy / min(copies), 2),
+            "blockctl_copy_vs_blockctl": round(best_copy / best_ours, 2),
             "blockctl_vs_copy_pipeline_folder": round(best_ours / min(folder_copies), 2),
             "diffusers_vs_blockctl": round(theirs["seconds"] / best_ours, 2),
         },
@@ -459,7 +499,6 @@ def sd15_case(args: argparse.Namespace) -> dict[str, Any]:
         "scaling_seconds_by_concepts": scaling,
         "targets": {"vs_copy_max": 1.5, "vs_diffusers_min": 3.0, "rss_vs_unet_max": 0.5},
         "setup_seconds": round(setup, 1),
-        "run": run_meta(),
     }
     return result
 
@@ -469,7 +508,7 @@ def sdxl_case(args: argparse.Namespace) -> dict[str, Any]:
     (interleaved, best of ``repeats``), each merge in its own process."""
     from bench_meta import run_meta
 
-    from blockctl.merge.single_file import sidecar_path
+    from blockctl.merge.embeddings import embeddings_dir
 
     work: Path = args.work
     t = time.perf_counter()
@@ -479,22 +518,32 @@ def sdxl_case(args: argparse.Namespace) -> dict[str, Any]:
     unet_file = base / "unet" / "diffusion_pytorch_model.safetensors"
     unet_bytes = unet_file.stat().st_size
     warm(base)
-    outputs = {"diffusers": work / "sdxl-out", "single-file": work / "sdxl-out.safetensors",
-               "lora": work / "sdxl-lora.safetensors"}  # fmt: skip
+    # name: (format, link|copy, output)
+    contenders = {
+        "diffusers": ("diffusers", "link", work / "sdxl-out"),
+        "diffusers_copy": ("diffusers", "copy", work / "sdxl-out"),
+        "single-file": ("single-file", "link", work / "sdxl-out.safetensors"),
+        "lora": ("lora", "link", work / "sdxl-lora.safetensors"),
+    }
     copies: list[float] = []
-    runs: dict[str, list[dict[str, float]]] = {fmt: [] for fmt in outputs}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}
+    written: dict[str, int] = {}
     for _ in range(args.repeats):
         copies.append(timed_copy(unet_file, work / "sdxl-copy.safetensors"))
-        for fmt, out in outputs.items():
-            runs[fmt].append(run_child(_BLOCKCTL, str(reg_path), str(out), str(args.concepts), fmt))
-            for path in (out, sidecar_path(out)):
+        for name, (fmt, mode, out) in contenders.items():
+            args_ = (str(reg_path), str(out), str(args.concepts), mode, fmt)
+            runs[name].append(run_child(_BLOCKCTL, *args_))
+            if out.is_dir():
+                written[name] = written_bytes(out)
+            for path in (out, embeddings_dir(out)):
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     best = {fmt: min(r["seconds"] for r in rs) for fmt, rs in runs.items()}
     peak = {fmt: max(r["peak_rss_bytes"] for r in rs) for fmt, rs in runs.items()}
     return {
         "what": "blockctl merge of N rank-4 concepts into an SDXL-shaped fp16 pipeline "
         "(cross-kv preset: the 140 cross-attention to_k/to_v of SDXL's UNet), as a diffusers "
-        "folder, an sgm single file and a kohya LoRA, vs copying the UNet file",
+        "folder (unchanged files linked to the base's, the default, or copied with --copy), an "
+        "sgm single file and a kohya LoRA, vs copying the UNet file",
         **run_meta(),
         "base": {
             "unet_bytes": unet_bytes,
@@ -507,6 +556,10 @@ def sdxl_case(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": {
             "copy_unet_file": round(min(copies), 3),
             **{f"blockctl_merge_{fmt}": round(v, 3) for fmt, v in best.items()},
+        },
+        "bytes_written": {
+            **{f"blockctl_merge_{name}": n for name, n in written.items()},
+            "note": "files of the output that are not hard links to the base's (nlink == 1)",
         },
         "ratios": {
             f"blockctl_{fmt}_vs_copy_unet_file": round(v / min(copies), 2)

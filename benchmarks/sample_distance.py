@@ -9,7 +9,9 @@ Two sets of image pairs, seeded:
   scene without it (blockctl.toy.concepts.with_and_without) — what must count as "different".
 
 Reported: the distance's spread on each set, and the share of concept pairs farther apart than
-the farthest phase pair (1.0 = every concept change is told from every texture shift).
+the farthest phase pair (1.0 = every concept change is told from every texture shift). The phase
+pairs also get a different noise realisation where the pattern is "noisy" (a roll alone keeps
+every pixel value), so the set is not trivially zero.
 
     python benchmarks/sample_distance.py
 """
@@ -37,8 +39,12 @@ def phase_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     scene = random_scene(rng)
     while scene.shape is None or scene.color is None:
         scene = random_scene(rng)
-    bg = draw_background(PATTERNED[rng.integers(len(PATTERNED))], rng)
+    kind = PATTERNED[rng.integers(len(PATTERNED))]
+    bg = draw_background(kind, rng)
     shifted = np.roll(bg, tuple(int(x) for x in rng.integers(1, 12, size=2)), axis=(0, 1))
+    if kind == "noisy":  # the same tone, another draw of the noise
+        noise = rng.normal(0, 14, size=(*bg.shape[:2], 1)).astype(np.float32)
+        shifted = np.clip(bg.mean(axis=(0, 1)) + noise, 80, 180)
     mask = shape_mask(scene.shape, scene.cx, scene.cy, scene.r)
     for img in (bg, shifted):
         img[mask] = np.asarray(COLOR_RGB[scene.color], np.float32)

@@ -11,6 +11,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,12 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def run_demo(config: DemoConfig, say: Say = print) -> DemoResult:
+Progress = Callable[[str], AbstractContextManager[Any]]
+
+
+def run_demo(config: DemoConfig, say: Say = print, progress: Progress | None = None) -> DemoResult:
+    """Run the demo into ``config.out``. ``progress(label)``, if given, makes a context that
+    yields the trainer's progress callback for one concept (a live bar with its ETA)."""
     from blockctl.evaluate import EvalConfig, evaluate
     from blockctl.initialize import init_registry
     from blockctl.layout import layout_of
@@ -122,13 +128,13 @@ def run_demo(config: DemoConfig, say: Say = print) -> DemoResult:
             f"→ slot {rec.slot}; training…"
         )
         overrides = {"seed": config.seed} | ({"steps": config.steps} if config.steps else {})
-        result = train(
-            reg,
-            TrainRequest(
-                photos=photos, concept=name, out_dir=out / "runs" / name, overrides=overrides
-            ),
-            say=lambda _msg: None,
-        )
+        request = TrainRequest(
+            photos=photos, concept=name, out_dir=out / "runs" / name, overrides=overrides,
+            sample=False,  # the demo draws one grid of everything at the end
+        )  # fmt: skip
+        bar = progress(f"{name} {i}/{len(config.concepts)}") if progress else nullcontext(None)
+        with bar as report:
+            result = train(reg, request, say=lambda _msg: None, progress=report)
         timings[name] = round(result.seconds, 1)
         say(
             f"      trained {result.steps} steps in {result.seconds:.0f} s, "
@@ -149,14 +155,16 @@ def run_demo(config: DemoConfig, say: Say = print) -> DemoResult:
 
     metrics = [m.to_dict() for m in evaluate(reg, config.concepts, merged, EvalConfig())]
     say(
-        "[5/6] identity metrics (retention 1 = concept kept; "
-        "crosstalk/prior interference 0 = clean):"
+        "[5/6] identity metrics (retention and sample identity 1 = concept kept; "
+        "crosstalk and interference 0 = clean):"
     )
     for m in metrics:
+        identity = m.get("sample_identity")
         say(
             f"      {m['concept']:>8}: retention {m['retention']:.3f}  "
-            f"crosstalk {m['crosstalk']:.3f}  fidelity {m['fidelity']:.3f}  "
-            f"prior interference {m['prior_interference']:.3f}"
+            f"crosstalk {m['crosstalk']:.3f}  prior interference {m['prior_interference']:.3f}  "
+            f"empty prompt {m['empty_interference']:.3f}  sample identity "
+            + ("–" if identity is None else f"{identity:.2f}")
         )
 
     grid = out / "samples.png"

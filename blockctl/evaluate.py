@@ -31,17 +31,10 @@ from blockctl.conditioning import default_time_ids, denoise, encode, tokenize
 from blockctl.errors import InvalidInput
 from blockctl.layout import layout_of
 from blockctl.merge import plan_merge
+from blockctl.prompts import own_prompts, prior_prompts
 from blockctl.sample_identity import identity
 from registry.base import Registry
 
-# Four phrasings each, so no single template's quirks decide a concept's figures.
-OWN_TEMPLATES = (
-    "a photo of {token} {cls}",
-    "{token} {cls}",
-    "a picture of {token} {cls}",
-    "a {token} {cls}",
-)
-PRIOR_TEMPLATES = ("a photo of a {cls}", "a {cls}", "a picture of a {cls}", "{cls}")
 EMPTY_PROMPT = ""
 PREDICT_CHUNK = 64  # UNet batch: prompts × latents are evaluated this many at a time
 
@@ -226,10 +219,10 @@ class Subject:
     class_word: str
 
     def own(self) -> list[str]:
-        return [t.format(token=self.token, cls=self.class_word) for t in OWN_TEMPLATES]
+        return own_prompts(self.token, self.class_word)
 
     def prior(self) -> list[str]:
-        return [t.format(cls=self.class_word) for t in PRIOR_TEMPLATES]
+        return prior_prompts(self.class_word)
 
 
 Images = list[Image.Image]

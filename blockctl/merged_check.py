@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from blockctl.adapter import load_adapter, token_key, up_key
 from blockctl.base_model import BaseFolder, resolve_base
@@ -29,7 +30,9 @@ from blockctl.layout import (
     layout_of,
     sha256_file,
 )
+from blockctl.merge.embeddings import RECORD_KEY
 from blockctl.merge.record import read_record
+from blockctl.safetensors_io import read_header
 from registry.base import Registry
 
 # Relative error (max|merged − expected| / max|expected| per tensor) each dtype's rounding
@@ -77,9 +80,9 @@ class _Expected:
             raise ValidationFailed("the registry's basis does not match its layout sha256")
         self.adapters = []
         # per text encoder: (token, expected row) in merge order
-        self.token_rows: dict[str, list[tuple[str, torch.Tensor]]] = {
-            e: [] for e in layout.token_dims
-        }
+        self.rows: dict[str, list[tuple[str, torch.Tensor]]] = {e: [] for e in layout.token_dims}
+        # concept → text component → its tokens' rows (n × width), for the embedding files
+        self.embeddings: dict[str, dict[str, torch.Tensor]] = {}
         for item in record["concepts"]:
             path = registry.adapter_file(item["concept"])
             if sha256_file(path) != item["sha256"]:
@@ -89,9 +92,15 @@ class _Expected:
             adapter = load_adapter(path)
             factor = layout.scale * float(item["scale"])
             self.adapters.append((int(item["slot"]), factor, adapter))
-            for encoder, rows in self.token_rows.items():
-                for t in item["tokens"]:
-                    rows.append((t, adapter.tensors[token_key(t, encoder)].double()))
+            for encoder, rows in self.rows.items():
+                found = [
+                    (t, adapter.tensors[token_key(t, encoder)].double()) for t in item["tokens"]
+                ]
+                rows += found
+                if found:
+                    self.embeddings.setdefault(item["concept"], {})[encoder] = torch.cat(
+                        [row for _, row in found]
+                    )
         self.targets = {(t.component, f"{t.module}.weight"): t for t in layout.targets}
 
     def delta(self, component: str, key: str) -> torch.Tensor | None:
@@ -121,6 +130,10 @@ def check_merged(registry: Registry, path: Path, tolerance: float | None = None)
     record = read_record(path)
     layout = layout_of(registry)
     output = str(record.get("output", ""))
+    if output.endswith(("-embeddings", "-embedding")):  # the folder or one of its files
+        raise InvalidInput(
+            f"{path} holds the concept embeddings of a merge; verify the merged file beside it"
+        )
     concepts = tuple(str(c["concept"]) for c in record.get("concepts", []))
     problems: list[str] = []
     if record.get("layout_hash") != layout.layout_hash:
@@ -149,7 +162,7 @@ def check_merged(registry: Registry, path: Path, tolerance: float | None = None)
             delta = expected.delta(component, key)
             if delta is not None:
                 want = want + delta
-            rows = expected.token_rows.get(component)
+            rows = expected.rows.get(component)
             is_tokens = canonical_module(key) == TOKEN_EMBEDDING_KEY
             if is_tokens and output == "diffusers" and rows:
                 want = torch.cat([want, *(row for _, row in rows)], dim=0)
@@ -157,8 +170,15 @@ def check_merged(registry: Registry, path: Path, tolerance: float | None = None)
         checked += 1
         if err >= errors.get(component, -1.0):
             errors[component], worst[component] = err, key
-    if output in ("single-file", "lora"):
-        token_err = _sidecar_error(path, expected, layout.model_family)
+    if output in ("single-file", "lora") and RECORD_KEY in record:
+        found = _check_embeddings(path, record[RECORD_KEY], expected)
+        problems += found.problems
+        dtypes |= found.dtypes
+        if found.dtypes:
+            errors["embeddings"], worst["embeddings"] = found.error, found.worst
+    elif output in ("single-file", "lora") and expected.embeddings:
+        # Merged by an earlier blockctl, which put every token row in one sidecar file.
+        token_err = _sidecar_error(path, record, expected)
         if token_err is None:
             problems.append("the concept-token sidecar (.tokens.safetensors) is missing")
         else:
@@ -176,21 +196,82 @@ def check_merged(registry: Registry, path: Path, tolerance: float | None = None)
     )
 
 
-def _sidecar_error(path: Path, expected: _Expected, family: Family) -> float | None:
-    from blockctl.merge.single_file import sidecar_key, sidecar_path
+@dataclass(frozen=True)
+class _EmbeddingsFound:
+    error: float  # max relative error over the files' rows
+    worst: str  # the file and key with that error
+    dtypes: frozenset[str]  # of the rows compared (none: nothing could be compared)
+    problems: tuple[str, ...]
 
-    sidecar = sidecar_path(path)
+
+def _check_embeddings(path: Path, entry: Any, expected: _Expected) -> _EmbeddingsFound:
+    """The embedding files the merge record names, in the folder beside ``path``: one per
+    concept with tokens, holding exactly the keys of its family, rows equal to the adapters'."""
+    from blockctl.merge.embeddings import embedding_tensors, embeddings_dir
+
+    files = _embeddings_entry(entry)
+    if files is None:
+        return _EmbeddingsFound(0.0, "", frozenset(), ("the record's embeddings entry is damaged",))
+    folder = embeddings_dir(path)
+    problems: list[str] = []
+    missing = sorted(set(expected.embeddings) - set(files))
+    if missing:
+        problems.append(f"no embedding file recorded for {', '.join(missing)}")
+    error, worst, dtypes = 0.0, "", set()
+    for concept, name in sorted(files.items()):
+        shown, file = f"{folder.name}/{name}", folder / name
+        want = expected.embeddings.get(concept)
+        if want is None:
+            problems.append(f"{shown}: {concept!r} has no concept tokens in this merge")
+            continue
+        if not file.is_file():
+            problems.append(f"the embedding {shown} is missing")
+            continue
+        try:
+            read_header(file)  # a damaged file is refused with a reason, not a crash
+            got = load_file(str(file))
+        except (ValidationFailed, SafetensorError) as exc:
+            problems.append(f"the embedding {shown} is unreadable: {exc}")
+            continue
+        want_keys = embedding_tensors(want)
+        if set(got) != set(want_keys):
+            problems.append(f"{shown} holds {sorted(got)}, not {sorted(want_keys)}")
+            continue
+        for key, rows in want_keys.items():
+            dtypes.add(str(got[key].dtype).removeprefix("torch."))
+            err = _rel_error(got[key], rows)
+            if err >= error:
+                error, worst = err, f"{shown} {key}"
+    return _EmbeddingsFound(error, worst, frozenset(dtypes), tuple(problems))
+
+
+def _embeddings_entry(entry: Any) -> dict[str, str] | None:
+    """``{concept: file}`` from the record, if every name is a plain file name (the record is
+    read from a file: it never gets to point elsewhere)."""
+    if not isinstance(entry, dict):
+        return None
+    names = [*entry.keys(), *entry.values()]
+    if not all(isinstance(n, str) and n and Path(n).name == n and n != ".." for n in names):
+        return None
+    return {str(c): str(f) for c, f in entry.items()}
+
+
+def _sidecar_error(path: Path, record: dict[str, Any], expected: _Expected) -> float | None:
+    """The one-file token sidecar of SD merges by an earlier blockctl (keyed by token)."""
+    sidecar = path.with_name(path.name.removesuffix(".safetensors") + ".tokens.safetensors")
     if not sidecar.is_file():
         return None
-    want = {
-        sidecar_key(family, encoder, tok): row
-        for encoder, rows in expected.token_rows.items()
-        for tok, row in rows
-    }
+    tokens = [t for item in record["concepts"] for t in item["tokens"]]
     with safe_open(str(sidecar), framework="pt") as handle:
-        if sorted(handle.keys()) != sorted(want):
+        if sorted(handle.keys()) != sorted(tokens):
             return float("inf")
-        return max((_rel_error(handle.get_tensor(k), row) for k, row in want.items()), default=0.0)
+        return max(
+            (
+                _rel_error(handle.get_tensor(t), row)
+                for t, (_, row) in zip(tokens, expected.rows["text_encoder"], strict=True)
+            ),
+            default=0.0,
+        )
 
 
 # (component, base key, merged tensor, base tensor, dtype the output stores it in)

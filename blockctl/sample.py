@@ -1,12 +1,13 @@
 """Sample a grid of images from a pipeline folder: one row per prompt, ``n`` seeds per row.
 
 Reusable by commands that modify the pipeline first (e.g. merged adapters): load with
-``load_pipeline``, change it, then pass it as ``pipe=``.
+``load_pipeline``, change it, then pass it as ``pipe=``. ``sample_composed`` samples a registry's
+base with concepts composed in memory (``blockctl.compose``), no merged folder needed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from blockctl.errors import InvalidInput
 
 if TYPE_CHECKING:
     from blockctl.family import Family
+    from registry.base import Registry
 
 CAPTION_H = 12
 
@@ -140,3 +142,27 @@ def sample(
     """A captioned grid: one row per prompt, ``n`` seeds per row."""
     pipe = pipe if pipe is not None else load_pipeline(model_dir)
     return make_grid(generate(pipe, prompts, seed, steps, guidance, n), prompts)
+
+
+def sample_composed(
+    registry: Registry,
+    concepts: Sequence[str],
+    prompts: Sequence[str],
+    scales: Mapping[str, float] | None = None,
+    model_dir: str | Path | None = None,
+    seed: int = 0,
+    steps: int = 20,
+    guidance: float = 4.0,
+    n: int = 4,
+) -> Image.Image:
+    """A captioned grid from the registry's base (or ``model_dir``, which must hold the same
+    weights) with ``concepts`` composed in memory: the images a merged folder of the same
+    concepts gives, without writing one."""
+    from blockctl.compose import Composer
+    from blockctl.merge import plan_merge
+
+    plan = plan_merge(registry, concepts, scales or {})  # bad requests fail before the load
+    pipe = load_pipeline(model_dir if model_dir is not None else plan.base.root)
+    with Composer(pipe, registry) as composer:
+        composer.use(plan)
+        return sample(None, prompts, seed, steps, guidance, n, pipe=pipe)

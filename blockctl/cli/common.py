@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,3 +55,47 @@ def emit_json(obj: Any) -> None:
 
 
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
+
+
+@contextmanager
+def training_progress(quiet: bool, label: str = "training") -> Iterator[Any]:
+    """A rich progress bar on stderr with loss, elapsed time and ETA, yielding the trainer's
+    ``progress(step, total, loss)`` callback; None for ``--json`` or off a terminal. A run that
+    stops early (``--strength-target``) ends its bar where it stopped."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    if quiet or not err_console.is_terminal:
+        yield None
+        return
+    bar = Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )
+    task = None
+    done = 0
+
+    def report(step: int, total: int, loss: float) -> None:
+        nonlocal task, done
+        if task is None:
+            task = bar.add_task("train", total=total, completed=step - 1, loss=loss)
+        bar.update(task, completed=step, loss=loss)
+        done = step
+
+    with bar:
+        yield report
+        if task is not None:
+            bar.update(task, total=done)

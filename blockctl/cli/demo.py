@@ -6,7 +6,13 @@ from pathlib import Path
 
 import typer
 
-from blockctl.cli.common import JSON_OPTION, console, emit_json, err_console
+from blockctl.cli.common import (
+    JSON_OPTION,
+    console,
+    emit_json,
+    err_console,
+    training_progress,
+)
 from blockctl.demo import DEFAULT_CONCEPTS, DemoConfig, run_demo, summary_dict
 
 
@@ -34,7 +40,7 @@ def demo(
         if json_out
         else (lambda m: console.print(m, highlight=False, markup=False))
     )
-    result = run_demo(config, say=say)
+    result = run_demo(config, say=say, progress=lambda label: training_progress(json_out, label))
     if json_out:
         emit_json(summary_dict(result))
         return
@@ -42,7 +48,7 @@ def demo(
         f"\nDone in {result.seconds:.0f} s. Everything is in {result.out}/:\n"
         f"  registry/      the registry (try: blockctl --registry {result.registry} slots)\n"
         f"  photos/        the toy photos each concept was trained on\n"
-        f"  runs/          training runs (adapters, before/after grids)\n"
+        f"  runs/          training runs (adapters and their checkpoints)\n"
         f"  merged/        the merged diffusers pipeline (load with from_pretrained)\n"
         f"  samples.png    base vs merged samples\n"
         f"  summary.json   the numbers above",

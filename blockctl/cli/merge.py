@@ -46,6 +46,7 @@ def merge(
         ),
     ] = DEFAULT_LORA_KEYS,
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT atomically."),
+    copy: bool = typer.Option(False, "--copy", help="Copy unchanged files instead of linking."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Merge published concepts into one model: W' = W + Σ scale·B_s A_s per target.
@@ -62,6 +63,7 @@ def merge(
         scales=parse_scales(scale or []),
         lora_keys=lora_keys,
         force=force,
+        copy=copy,
     )
     options.check()  # bad options fail before the registry is even opened
     result = run_merge(open_registry(ctx), list(concepts or []), options)

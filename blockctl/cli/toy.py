@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from blockctl.cli.common import JSON_OPTION, console, emit_json
+from blockctl.cli.common import JSON_OPTION, console, emit_json, open_registry
 from blockctl.errors import InvalidInput
 
 
@@ -56,6 +56,7 @@ def toy_photos(
 
 
 def sample_cmd(
+    ctx: typer.Context,
     prompts: list[str] = typer.Argument(..., help="One or more prompts (one grid row each)."),
     output: Path = typer.Option(..., "--output", "-o", help="PNG file to write."),
     model: Path = typer.Option(
@@ -65,21 +66,45 @@ def sample_cmd(
     steps: int = typer.Option(20, "--steps", help="Sampling steps (DPM-Solver++)."),
     guidance: float = typer.Option(4.0, "--guidance", help="Classifier-free guidance scale."),
     n: int = typer.Option(4, "--n", help="Images per prompt."),
+    concepts: str = typer.Option(
+        None,
+        "--concepts",
+        help="NAME,NAME,...: published concepts of the registry composed into its base in "
+        "memory (no merged folder needed). --model defaults to the registry's base.",
+        show_default=False,
+    ),
+    scale: list[str] = typer.Option(
+        None, "--scale", help="NAME=FLOAT: strength of one --concepts concept.", show_default=False
+    ),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Sample a captioned grid: one row per prompt, N seeds per row."""
-    from blockctl.sample import sample
+    from blockctl.merge import parse_scales
+    from blockctl.sample import sample, sample_composed
 
     if n <= 0 or steps <= 0:
         raise InvalidInput("--n and --steps must be positive")
     if output.suffix.lower() != ".png":
         raise InvalidInput(f"--output must be a .png file, got {output}")
+    names = [c.strip() for c in concepts.split(",")] if concepts is not None else []
+    if concepts is not None and not all(names):
+        raise InvalidInput(f"--concepts takes names separated by commas, got {concepts!r}")
+    scales = parse_scales(scale or [])
+    if scales and not names:
+        raise InvalidInput("--scale needs --concepts")
     with console.status(f"Sampling {len(prompts)} x {n} images..."):
-        grid = sample(model, prompts, seed=seed, steps=steps, guidance=guidance, n=n)
+        if names:
+            grid = sample_composed(
+                open_registry(ctx), names, prompts, scales, model, seed, steps, guidance, n
+            )
+        else:
+            grid = sample(model, prompts, seed=seed, steps=steps, guidance=guidance, n=n)
     output.parent.mkdir(parents=True, exist_ok=True)
     grid.save(output)
     if json_out:
-        emit_json({"output": str(output), "prompts": prompts, "n": n, "seed": seed})
+        emit_json(
+            {"output": str(output), "prompts": prompts, "n": n, "seed": seed, "concepts": names}
+        )
     else:
         console.print(f"Wrote {output}")
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import shlex
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -17,6 +15,7 @@ from blockctl.cli.common import (
     err_console,
     open_registry,
     settings,
+    training_progress,
 )
 from blockctl.names import check_concept
 from blockctl.train.config import MixedPrecision, RoeLatents, Schedule, TrainConfig
@@ -246,8 +245,10 @@ def train(
     def say(message: str) -> None:
         err_console.print(message, highlight=False, markup=False)
 
-    with _progress(json_out) as report:
+    with training_progress(json_out) as report:
         result = run_training(registry, request, say=say, progress=report)
+    if not result.main_process:
+        return  # one report per run: the main process's
     if json_out:
         emit_json(result.to_dict())
         return
@@ -259,44 +260,6 @@ def train(
         + (f"\nsamples {result.grid}" if result.grid else ""),
         highlight=False,
     )
-
-
-@contextmanager
-def _progress(quiet: bool) -> Iterator[Any]:
-    """A rich progress bar on stderr with loss and ETA; none for ``--json`` or off a terminal."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    if quiet or not err_console.is_terminal:
-        yield None
-        return
-    bar = Progress(
-        TextColumn("training"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=False,
-    )
-    task = None
-
-    def report(step: int, total: int, loss: float) -> None:
-        nonlocal task
-        if task is None:
-            task = bar.add_task("train", total=total, completed=step - 1, loss=loss)
-        bar.update(task, completed=step, loss=loss)
-
-    with bar:
-        yield report
 
 
 def register(app: typer.Typer) -> None:

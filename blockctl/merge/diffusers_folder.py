@@ -1,10 +1,11 @@
 """Merge into a diffusers pipeline folder: what ``from_pretrained`` loads.
 
 Every safetensors file of a changed component is streamed tensor by tensor; everything else
-(vae, scheduler, configs, …) is copied byte for byte unless ``--dtype`` recasts it. Concept
-tokens are appended to each tokenizer and their rows to its text encoder's token embedding (on
-SDXL both: ``tokenizer``/``text_encoder`` and ``tokenizer_2``/``text_encoder_2``). Pickled
-weights are never copied: blockctl only ever writes safetensors.
+(vae, scheduler, configs, …) is linked to the base's file (``blockctl.linking``; copied byte
+for byte with ``--copy``) unless ``--dtype`` recasts it. Concept tokens are appended to each
+tokenizer and their rows to its text encoder's token embedding (on SDXL both:
+``tokenizer``/``text_encoder`` and ``tokenizer_2``/``text_encoder_2``). Pickled weights are
+never copied: blockctl only ever writes safetensors.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ import torch
 
 from blockctl.errors import InvalidInput
 from blockctl.layout import TOKEN_EMBEDDING_KEY
+from blockctl.linking import Placer
 from blockctl.merge.plan import parse_dtype
 from blockctl.merge.record import RECORD_NAME
 from blockctl.merge.writers import computed_ahead, pause_mid_write
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from blockctl.merge import MergeOptions, MergePlan
 
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+Place = Callable[[Path, Path], object]  # how an unchanged file gets from the base to the output
 
 
 class DiffusersFolder:
@@ -36,14 +39,21 @@ class DiffusersFolder:
         return [out]
 
     def write(self, plan: MergePlan, temps: list[Path], options: MergeOptions) -> list[str]:
-        write_folder(plan, plan.base.root, temps[0], parse_dtype(options.dtype))
-        return []
+        placer = Placer(copy=options.copy)
+        write_folder(plan, plan.base.root, temps[0], parse_dtype(options.dtype), placer)
+        return placer.notes()
 
 
 WRITER = DiffusersFolder()
 
 
-def write_folder(plan: MergePlan, src: Path, dst: Path, dtype: torch.dtype | None) -> None:
+def write_folder(
+    plan: MergePlan,
+    src: Path,
+    dst: Path,
+    dtype: torch.dtype | None,
+    place: Place = shutil.copyfile,
+) -> None:
     dst.mkdir()
     paused = False
     parts = plan.layout.model_family.text
@@ -59,28 +69,37 @@ def write_folder(plan: MergePlan, src: Path, dst: Path, dtype: torch.dtype | Non
             continue
         component = rel.parts[0] if len(rel.parts) > 1 else ""
         if path.suffix == ".safetensors" and component:
-            _write_weights(plan, component, path, target, dtype)
+            _write_weights(plan, component, path, target, dtype, place)
             if not paused:
                 pause_mid_write()
                 paused = True
-        elif component in encoders and rel.parts[1:] == ("config.json",):
+        elif (
+            component in encoders
+            and rel.parts[1:] == ("config.json",)
+            and (plan.text_rows.get(component) or dtype is not None)
+        ):
             _write_text_config(plan, component, path, target, dtype)
         elif component in tokenizers:
             continue  # written below, from the tokenizer itself
         else:
-            shutil.copyfile(path, target)
+            place(path, target)
     for tokenizer, encoder in tokenizers.items():
-        _write_tokenizer(plan, encoder, src / tokenizer, dst / tokenizer)
+        _write_tokenizer(plan, encoder, src / tokenizer, dst / tokenizer, place)
     record = plan.record("diffusers", dtype)
     (dst / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def _write_weights(
-    plan: MergePlan, component: str, src: Path, dst: Path, dtype: torch.dtype | None
+    plan: MergePlan,
+    component: str,
+    src: Path,
+    dst: Path,
+    dtype: torch.dtype | None,
+    place: Place,
 ) -> None:
     entries = {e.key: e for e in read_entries(src)}
     if all(plan.passthrough(component, e, dtype) for e in entries.values()):
-        shutil.copyfile(src, dst)  # nothing changes: the bytes are the base's
+        place(src, dst)  # nothing changes: the bytes are the base's
         return
     with TensorReader(src) as reader:
         # The base's own data order, so the untouched runs are copied in file order.
@@ -145,7 +164,7 @@ def _end_token_id(tokenizer_dir: Path) -> int | None:
     return None
 
 
-def _write_tokenizer(plan: MergePlan, encoder: str, src: Path, dst: Path) -> None:
+def _write_tokenizer(plan: MergePlan, encoder: str, src: Path, dst: Path, place: Place) -> None:
     rows = plan.base.info(encoder, TOKEN_EMBEDDING_KEY).shape[0]
     tokens = [tok for tok, _ in plan.text_rows[encoder]]
     dst.mkdir(parents=True, exist_ok=True)
@@ -158,7 +177,7 @@ def _write_tokenizer(plan: MergePlan, encoder: str, src: Path, dst: Path) -> Non
     # Everything else (config, vocab.json/merges.txt for old-style readers) stays as it was.
     for path in sorted(src.iterdir()):
         if path.is_file() and not (dst / path.name).exists() and path.suffix not in _PICKLES:
-            shutil.copyfile(path, dst / path.name)
+            place(path, dst / path.name)
 
 
 def _check_ids(ids: Sequence[int | None], tokens: list[str], rows: int, size: int) -> None:

@@ -8,23 +8,23 @@ Per target: ``lora_A = [A_s; …]`` (stacked slot down-projections) and
 (``unet.<module>.lora_A.weight``, diffusers' own). Text encoder modules are named under
 ``text_model.``, as those clients expect; on SDXL the kohya prefixes are ``lora_te1_`` and
 ``lora_te2_`` and the UNet goes by its original (sgm) module names, as kohya's sd-scripts write
-SDXL LoRAs (``kohya_namer``). diffusers refuses LoRA files holding any key without
-"lora" in it, so the concept tokens go to a sidecar textual-inversion file
-(``<stem>.tokens.safetensors``).
+SDXL LoRAs (``kohya_namer``). diffusers refuses LoRA files holding any key without "lora" in
+it, so the concept tokens go to textual-inversion embeddings beside the file (``embeddings``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from blockctl.clip_names import prefixed_module
+from blockctl.merge import embeddings
 from blockctl.merge.plan import parse_dtype
-from blockctl.merge.single_file import sidecar_path, unet_key, write_token_sidecar
+from blockctl.merge.single_file import unet_key
 from blockctl.merge.writers import pause_mid_write
 from blockctl.safetensors_io import CODE_DTYPES, Entry, StreamWriter
 
@@ -75,15 +75,12 @@ def kohya_namer(base: BaseFolder, family: Family) -> Callable[[str, str], str]:
 
 class LoraFile:
     def outputs(self, out: Path, plan: MergePlan) -> list[Path]:
-        return [out, sidecar_path(out)] if plan.token_rows else [out]
+        return [out, *embeddings.outputs(out, plan)]
 
     def write(self, plan: MergePlan, temps: list[Path], options: MergeOptions) -> list[str]:
-        dtype = parse_dtype(options.dtype)
-        write_lora(plan, temps[0], dtype, options.lora_keys)
-        if len(temps) > 1:
-            write_token_sidecar(plan, temps[1], dtype, "lora")
-            return [f"concept tokens are in {sidecar_path(options.out).name} (textual inversion)"]
-        return []
+        beside = embeddings.record_entry(plan)
+        write_lora(plan, temps[0], parse_dtype(options.dtype), options.lora_keys, beside)
+        return embeddings.write(plan, temps[1:], options, "lora")
 
 
 WRITER = LoraFile()
@@ -106,7 +103,14 @@ def adapter_metadata(plan: MergePlan) -> dict[str, object]:
     return out
 
 
-def write_lora(plan: MergePlan, out: Path, dtype: torch.dtype | None, keys: str) -> None:
+def write_lora(
+    plan: MergePlan,
+    out: Path,
+    dtype: torch.dtype | None,
+    keys: str,
+    beside: Mapping[str, object] | None = None,
+) -> None:
+    """``beside``: what the merge record says about files written next to ``out``."""
     targets = sorted(plan.layout.targets, key=lambda t: t.name)
     rank = _rank(plan)
     namer = kohya_namer(plan.base, plan.layout.model_family)
@@ -130,7 +134,7 @@ def write_lora(plan: MergePlan, out: Path, dtype: torch.dtype | None, keys: str)
         else:
             a_key, b_key = peft_keys(t)
             entries += [Entry(a_key, wdtype, down_shape), Entry(b_key, wdtype, up_shape)]
-    metadata = plan.metadata("lora", dtype)
+    metadata = plan.metadata("lora", dtype, beside)
     if keys == "kohya":
         metadata |= {"ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
     else:

@@ -10,6 +10,7 @@ at the end to the output dtype.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -83,6 +84,7 @@ class MergeOptions:
     scales: Mapping[str, float] = field(default_factory=dict)
     lora_keys: str = DEFAULT_LORA_KEYS
     force: bool = False
+    copy: bool = False  # diffusers: copy the files the merge leaves unchanged instead of linking
 
     def check(self) -> None:
         if self.format not in FORMATS:
@@ -183,8 +185,11 @@ class MergePlan:
         up = torch.cat([self.ups[target.name][s].float() * scales[s] for s in order], dim=1)
         return down, up
 
-    def record(self, output: str, dtype: torch.dtype | None) -> dict[str, object]:
-        """What went in: enough for ``verify --merged`` to recompute the expected weights."""
+    def record(
+        self, output: str, dtype: torch.dtype | None, extra: Mapping[str, object] | None = None
+    ) -> dict[str, object]:
+        """What went in: enough for ``verify --merged`` to recompute the expected weights.
+        ``extra``: what a writer put beside the output (e.g. the concept embeddings)."""
         return {
             "format": MERGE_FORMAT,
             "output": output,
@@ -194,13 +199,16 @@ class MergePlan:
             "layout_scale": self.layout.scale,
             "dtype": dtype_name(dtype) if dtype is not None else "base",
             "concepts": [s.to_dict() for s in self.selected],
+            **(extra or {}),
         }
 
-    def metadata(self, output: str, dtype: torch.dtype | None) -> dict[str, str]:
+    def metadata(
+        self, output: str, dtype: torch.dtype | None, extra: Mapping[str, object] | None = None
+    ) -> dict[str, str]:
         # "format": "pt" is what transformers/diffusers require of safetensors metadata.
         return {
             "format": "pt",
-            META_KEY: json.dumps(self.record(output, dtype), sort_keys=True),
+            META_KEY: json.dumps(self.record(output, dtype, extra), sort_keys=True),
         }
 
     # -- streaming one tensor at a time --------------------------------------------------------
@@ -251,18 +259,26 @@ def _cast_dtype(current: torch.dtype, wanted: torch.dtype | None) -> torch.dtype
     return wanted
 
 
-def plan_merge(
-    registry: Registry, concepts: Sequence[str], scales: Mapping[str, float]
-) -> MergePlan:
-    """Check the request and load what the merge needs; nothing is written."""
-    if not concepts:
-        raise InvalidInput("name at least one concept to merge")
+def check_request(concepts: Sequence[str], scales: Mapping[str, float]) -> None:
+    """Each concept named once, and scales (finite) only for concepts being merged."""
     dupes = sorted({c for c in concepts if list(concepts).count(c) > 1})
     if dupes:
         raise InvalidInput(f"concept(s) named more than once: {', '.join(dupes)}")
     stray = sorted(set(scales) - set(concepts))
     if stray:
         raise InvalidInput(f"--scale given for concept(s) not being merged: {', '.join(stray)}")
+    odd = sorted(c for c, v in scales.items() if not math.isfinite(v))
+    if odd:
+        raise InvalidInput(f"the scale of {', '.join(odd)} is not a finite number")
+
+
+def plan_merge(
+    registry: Registry, concepts: Sequence[str], scales: Mapping[str, float]
+) -> MergePlan:
+    """Check the request and load what the merge needs; nothing is written."""
+    if not concepts:
+        raise InvalidInput("name at least one concept to merge")
+    check_request(concepts, scales)
     layout = layout_of(registry)
     published = {rec.concept: rec for rec in registry.adapters()}
     unknown = [c for c in concepts if c not in published]

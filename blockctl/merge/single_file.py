@@ -12,8 +12,8 @@ transposed (OpenCLIP multiplies ``x @ text_projection``).
 The key mapping is ours, derived from the UNet/VAE configs, so it covers any block count
 (the toy bases have fewer blocks than SD 1.5). The text encoders keep the base's vocabulary:
 those tools build their tokenizers from the stock CLIP vocabulary and load the embedding
-matrices at their stock size, so the concept tokens go to a sidecar textual-inversion file
-(``<stem>.tokens.safetensors``) instead.
+matrices at their stock size, so the concept tokens go to textual-inversion embeddings beside
+the file instead (``embeddings``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,10 +31,10 @@ import torch
 from blockctl.clip_names import canonical_module, prefixed_module
 from blockctl.errors import InvalidInput
 from blockctl.family import Family
+from blockctl.merge import embeddings
 from blockctl.merge.plan import parse_dtype
 from blockctl.merge.writers import computed_ahead, pause_mid_write
 from blockctl.safetensors_io import (
-    CODE_DTYPES,
     Entry,
     StreamWriter,
     TensorReader,
@@ -92,11 +92,6 @@ _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_ou
 _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$")
 _SAMPLER = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(downsamplers|upsamplers)\.0\.conv\.(.+)$")
 _MID = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
-
-
-def sidecar_path(out: Path) -> Path:
-    stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
-    return out.with_name(f"{stem}.tokens.safetensors")
 
 
 def _resnet(rest: str) -> str:
@@ -230,15 +225,12 @@ def components(family: Family) -> tuple[str, ...]:
 
 class SingleFile:
     def outputs(self, out: Path, plan: MergePlan) -> list[Path]:
-        return [out, sidecar_path(out)] if plan.token_rows else [out]
+        return [out, *embeddings.outputs(out, plan)]
 
     def write(self, plan: MergePlan, temps: list[Path], options: MergeOptions) -> list[str]:
-        dtype = parse_dtype(options.dtype)
-        write_single_file(plan, temps[0], dtype)
-        if len(temps) > 1:
-            write_token_sidecar(plan, temps[1], dtype, "single-file")
-            return [f"concept tokens are in {sidecar_path(options.out).name} (textual inversion)"]
-        return []
+        beside = embeddings.record_entry(plan)
+        write_single_file(plan, temps[0], parse_dtype(options.dtype), beside)
+        return embeddings.write(plan, temps[1:], options, "single-file")
 
 
 WRITER = SingleFile()
@@ -251,7 +243,13 @@ class _Source:
     entry: Entry  # as the base stores it
 
 
-def write_single_file(plan: MergePlan, out: Path, dtype: torch.dtype | None) -> None:
+def write_single_file(
+    plan: MergePlan,
+    out: Path,
+    dtype: torch.dtype | None,
+    beside: Mapping[str, object] | None = None,
+) -> None:
+    """``beside``: what the merge record says about files written next to ``out``."""
     family = plan.layout.model_family
     # original-layout key -> its source tensors (three for a fused in_proj, in q, k, v order)
     sources: dict[str, list[tuple[int, _Source]]] = {}
@@ -277,7 +275,7 @@ def write_single_file(plan: MergePlan, out: Path, dtype: torch.dtype | None) -> 
         files = dict.fromkeys(s.file for parts in sources.values() for _, s in parts)
         readers = {f: stack.enter_context(TensorReader(f)) for f in files}
         writer = stack.enter_context(
-            StreamWriter(out, entries, plan.metadata("single-file", dtype))
+            StreamWriter(out, entries, plan.metadata("single-file", dtype, beside))
         )
         by_key = {e.key: e for e in entries}
 
@@ -331,30 +329,3 @@ def _out_entry(
     elif parts[0].component == "vae" and is_vae_attention_weight(key, shape):
         shape = (*shape, 1, 1)
     return Entry(key, first.dtype, shape)
-
-
-def sidecar_key(family: Family, encoder: str, token: str) -> str:
-    """A token row's key in the sidecar: the token (SD), or ``clip_l.<token>`` and
-    ``clip_g.<token>`` (SDXL: the names SDXL embedding files give the two encoders' rows)."""
-    name = family.part(encoder).embedding_name
-    return token if name is None else f"{name}.{token}"
-
-
-def write_token_sidecar(plan: MergePlan, out: Path, dtype: torch.dtype | None, fmt: str) -> None:
-    """One (1×dim) row per concept token and text encoder (``sidecar_key``). SD: load it with
-    ``pipe.load_textual_inversion([{tok: row} for tok, row in rows.items()])``; SDXL: each
-    ``clip_l.<tok>`` row into ``text_encoder``/``tokenizer`` and ``clip_g.<tok>`` into
-    ``text_encoder_2``/``tokenizer_2`` (docs/sdxl.md)."""
-    from blockctl.layout import TOKEN_EMBEDDING_KEY
-
-    family = plan.layout.model_family
-    rows: dict[str, torch.Tensor] = {}
-    for encoder, encoder_rows in plan.text_rows.items():
-        base_dtype = plan.base.info(encoder, TOKEN_EMBEDDING_KEY).dtype
-        stored = dtype or CODE_DTYPES.get(base_dtype, torch.float32)
-        for tok, row in encoder_rows:
-            rows[sidecar_key(family, encoder, tok)] = row.to(stored)
-    entries = [Entry(key, t.dtype, tuple(t.shape)) for key, t in sorted(rows.items())]
-    with StreamWriter(out, entries, plan.metadata(f"{fmt}-tokens", dtype)) as writer:
-        for e in entries:
-            writer.write(e.key, rows[e.key])

@@ -140,6 +140,17 @@ class TrainConfig:
     def erasure_batch(self) -> int:
         return self.roe_batch_size or max(1, self.batch_size // 2)
 
+    def check_processes(self, processes: int) -> None:
+        """Refuse a batch that ``processes`` training processes cannot share equally: unequal
+        shares would weigh items unequally once DDP averages the processes' gradients."""
+        if self.batch_size % processes:
+            fits = -(-self.batch_size // processes) * processes
+            raise InvalidInput(
+                f"--batch-size {self.batch_size} does not split evenly over {processes} "
+                "processes: each process trains on an equal share of every batch",
+                hint=f"pass a multiple of {processes}, e.g. --batch-size {fits}",
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -2,22 +2,27 @@
 gradient accumulation, checkpoints, and a clean stop on Ctrl-C or a non-finite loss.
 
 Every random draw of a step (photos, flips, VAE posterior noise, diffusion noise, timesteps,
-the erasure decision and prompts) comes from generators seeded by ``(seed, step, micro-batch,
-process)``, and the learning rate is a pure function of the step. Resuming from a checkpoint
-therefore continues exactly where an uninterrupted run would be.
+the erasure decision and prompts) comes from generators seeded by ``(seed, step, micro-batch)``,
+and the learning rate is a pure function of the step. Resuming from a checkpoint therefore
+continues exactly where an uninterrupted run would be.
+
+With several processes (``accelerate launch``), every process draws the same whole batch and
+trains on its equal share of it (``share``); DDP averages the processes' gradients, so a step
+is the one-process step on the whole batch, up to float summation order.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +78,9 @@ class LoopInputs:
     resume_hint: str
 
 
-def step_seed(seed: int, step: int, micro: int, rank: int, stream: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{step}:{micro}:{rank}:{stream}".encode()).digest()
+def step_seed(seed: int, step: int, micro: int, stream: str) -> int:
+    # The 0 is where a process index used to be: one-process runs keep drawing what they did.
+    digest = hashlib.sha256(f"{seed}:{step}:{micro}:0:{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -125,10 +131,13 @@ class MicroBatch:
     time_ids: torch.Tensor | None = None  # SDXL: each item's add_time_ids (b, 6)
 
 
-def micro_batch(inputs: LoopInputs, step: int, micro: int, rank: int) -> MicroBatch:
-    """The concept batch of one micro-step and, when drawn, its erasure batch."""
+def micro_batch(
+    inputs: LoopInputs, step: int, micro: int, rank: int = 0, world: int = 1
+) -> MicroBatch:
+    """Process ``rank``'s share (of ``world`` processes) of one micro-step's concept batch and,
+    when drawn, its erasure batch; the whole batch is drawn alike on every process."""
     cfg, comps = inputs.config, inputs.components
-    gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, micro, rank, "data"))
+    gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, micro, "data"))
     n, b = inputs.caption_ids.shape[0], cfg.batch_size
     index = torch.randint(n, (b,), generator=gen)
     flip = torch.rand(b, generator=gen) < 0.5 if cfg.flip else torch.zeros(b, dtype=torch.bool)
@@ -146,7 +155,7 @@ def micro_batch(inputs: LoopInputs, step: int, micro: int, rank: int) -> MicroBa
     time_ids = inputs.bank.time_ids_for(index, flip)
     erasure = None
     if cfg.roe_active:
-        rng = random.Random(step_seed(cfg.seed, step, micro, rank, "roe"))
+        rng = random.Random(step_seed(cfg.seed, step, micro, "roe"))
         if roe.draw(rng, cfg.roe_prob):
             mix = roe.ErasureMix(standin=cfg.roe_standin, empty=cfg.roe_empty)
             prompts = inputs.pool.sample(rng, cfg.erasure_batch, mix)
@@ -160,7 +169,7 @@ def micro_batch(inputs: LoopInputs, step: int, micro: int, rank: int) -> MicroBa
             ids = stack_ids([found for found, _ in per_encoder.values()])
             used = per_encoder["text_encoder"][1]
             latent_gen = torch.Generator().manual_seed(
-                step_seed(cfg.seed, step, micro, rank, "roe-latents")
+                step_seed(cfg.seed, step, micro, "roe-latents")
             )
             erasure = roe.erasure_batch(ids, noisy, timesteps, sched, cfg.roe_latents, latent_gen)
             # The erasure prompts are asked on the first k items' latents (or on Gaussian ones
@@ -173,7 +182,7 @@ def micro_batch(inputs: LoopInputs, step: int, micro: int, rank: int) -> MicroBa
                     # The same seed for every encoder: the same anchor ids, each from its own
                     # encoder's table, each with its own random offset.
                     standin_gen = torch.Generator().manual_seed(
-                        step_seed(cfg.seed, step, micro, rank, "roe-standins")
+                        step_seed(cfg.seed, step, micro, "roe-standins")
                     )
                     rows[encoder] = roe.standin_rows(
                         e.base.weight, inputs.pool.anchors, used,
@@ -182,7 +191,43 @@ def micro_batch(inputs: LoopInputs, step: int, micro: int, rank: int) -> MicroBa
                 erasure = replace(
                     erasure, standins=rows["text_encoder"], standins_2=rows.get("text_encoder_2")
                 )
-    return MicroBatch(noisy, timesteps, inputs.caption_ids[index], target, erasure, time_ids)
+    whole = MicroBatch(noisy, timesteps, inputs.caption_ids[index], target, erasure, time_ids)
+    return share(whole, rank, world)
+
+
+def share(batch: MicroBatch, rank: int, world: int) -> MicroBatch:
+    """Process ``rank``'s contiguous, equal part of a batch every process drew whole.
+
+    Each process's loss is a mean over its part and DDP averages gradients over processes, so
+    equal parts give the whole batch's gradient. The erasure batch is split the same way when
+    it divides evenly; otherwise (one erasure prompt over two processes) every process takes
+    all of it, and the average of identical terms is that term: exact either way. Every
+    tensor field is cut along the batch, so fields added later are split too; the stand-in
+    rows (of either text encoder) are not per item (erasure ids refer to them by number) and
+    stay whole.
+    """
+    if world == 1:
+        return batch
+    erasure = batch.erasure
+    if erasure is not None and erasure.ids.shape[0] % world == 0:
+        erasure = _cut(erasure, rank, world, keep=("standins", "standins_2"))
+    return replace(_cut(batch, rank, world, keep=("erasure",)), erasure=erasure)
+
+
+Batch = TypeVar("Batch", MicroBatch, roe.ErasureBatch)
+
+
+def _cut(batch: Batch, rank: int, world: int, keep: tuple[str, ...]) -> Batch:
+    parts: dict[str, Any] = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        if f.name in keep or not isinstance(value, torch.Tensor):
+            continue
+        size = value.shape[0] // world
+        if size * world != value.shape[0]:
+            raise ValueError(f"{f.name}: {value.shape[0]} items do not split over {world}")
+        parts[f.name] = value[rank * size : (rank + 1) * size]
+    return replace(batch, **parts)
 
 
 def run(
@@ -236,27 +281,19 @@ def train_step(
     """One optimizer step (all its micro-batches): the mean loss, and whether it erased."""
     cfg = inputs.config
     params = inputs.adapter.slot_parameters() + inputs.adapter.embedding_parameters()
-    rank, device = accelerator.process_index, accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
     total, erased = 0.0, False
     for micro in range(cfg.grad_accum):
-        batch = micro_batch(inputs, step, micro, rank)
+        batch = micro_batch(inputs, step, micro, rank, world)
         with accelerator.accumulate(model):
-            out = model(
-                batch.noisy.to(device),
-                batch.timesteps.to(device),
-                batch.ids.to(device),
-                None if batch.erasure is None else batch.erasure.to(device),
-                None if batch.time_ids is None else batch.time_ids.to(device),
-            )
-            loss = F.mse_loss(out.pred.float(), batch.target.to(device).float())
-            if out.student is not None and out.teacher is not None:
-                loss = loss + cfg.roe_weight * roe.erasure_loss(out.student, out.teacher)
-                erased = True
-            if out.isolation is not None:
-                loss = loss + cfg.token_isolation * out.isolation
-            if not bool(torch.isfinite(loss)):
+            loss, erasing = step_loss(cfg, model, batch, accelerator.device)
+            erased = erased or erasing
+            # The whole batch's loss (the mean over equal shares): every process gets the same
+            # number, so a non-finite loss anywhere stops all of them before DDP's all-reduce.
+            value = _process_mean(accelerator, float(loss.detach()))
+            if not math.isfinite(value):
                 raise TrainingDiverged(
-                    f"loss became {float(loss.detach())} at step {step + 1}; training stopped",
+                    f"loss became {value} at step {step + 1}; training stopped",
                     hint="lower --lr / --embedding-lr, or resume from the last checkpoint",
                 )
             accelerator.backward(loss)
@@ -265,8 +302,31 @@ def train_step(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             inputs.adapter.project_()
-        total += float(loss.detach()) / cfg.grad_accum
+        total += value / cfg.grad_accum
     return total, erased
+
+
+def step_loss(
+    cfg: TrainConfig, model: StepModel, batch: MicroBatch, device: Any
+) -> tuple[torch.Tensor, bool]:
+    """A (share of a) micro-batch's loss: the diffusion loss, plus λ_roe times the erasure
+    loss when the batch erases, plus the token-isolation penalty when on; and whether it
+    erased."""
+    out = model(
+        batch.noisy.to(device),
+        batch.timesteps.to(device),
+        batch.ids.to(device),
+        None if batch.erasure is None else batch.erasure.to(device),
+        None if batch.time_ids is None else batch.time_ids.to(device),
+    )
+    loss = F.mse_loss(out.pred.float(), batch.target.to(device).float())
+    erased = False
+    if out.student is not None and out.teacher is not None:
+        loss = loss + cfg.roe_weight * roe.erasure_loss(out.student, out.teacher)
+        erased = True
+    if out.isolation is not None:
+        loss = loss + cfg.token_isolation * out.isolation
+    return loss, erased
 
 
 def strong_enough(config: TrainConfig, state: LoopState) -> bool:
@@ -284,10 +344,15 @@ def measure_strength(inputs: LoopInputs) -> float:
 def _agree(accelerator: Any, requested: bool) -> bool:
     """All processes stop at the same step, or DDP would wait forever on the others: any
     process's request stops them all."""
+    return _process_mean(accelerator, 1.0 if requested else 0.0) > 0
+
+
+def _process_mean(accelerator: Any, value: float) -> float:
+    """The mean of ``value`` over all processes (itself with one)."""
     if accelerator.num_processes == 1:
-        return requested
-    flag = torch.tensor([1.0 if requested else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        return value
+    mean = torch.tensor([value], dtype=torch.float64, device=accelerator.device)
+    return float(accelerator.reduce(mean, reduction="mean").item())
 
 
 def save_checkpoint(

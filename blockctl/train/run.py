@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -14,6 +16,7 @@ from blockctl import __version__
 from blockctl.adapter import AdapterMeta, write_adapter
 from blockctl.base_model import BaseFolder, resolve_base
 from blockctl.blocks import foreign_down
+from blockctl.conditioning import tokenize as tokenize_prompts
 from blockctl.errors import InvalidInput, SlotConflict, ValidationFailed
 from blockctl.layout import Layout, fingerprint, layout_of, load_basis, sha256_file
 from blockctl.train import checkpoint, loop, roe
@@ -62,6 +65,9 @@ class TrainResult:
     photos: int
     skipped: tuple[str, ...]
     config: TrainConfig
+    # False in the other processes of a multi-process run: they train but write nothing and
+    # have nothing to report (no adapter sha256, nothing published).
+    main_process: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -139,14 +145,25 @@ class Session:
 
 
 def prepare(registry: Registry, request: TrainRequest, say: Say = print) -> Session:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
 
+    # This process and, under ``accelerate launch``, its peers. Made first and with the
+    # Accelerator's own ``cpu`` flag: a state made without it on a machine without GPUs is
+    # never distributed, and every later one shares it (each process would train alone).
+    cpu = not torch.cuda.is_available()
+    processes = PartialState(cpu=cpu)
+    if not processes.is_main_process:
+        say = _silent  # every process would say the same: the main one speaks for all
+    note = launch_note(os.environ, processes.num_processes)
+    if note:
+        say(note)
     TrainConfig().with_overrides(request.overrides)  # bad numbers fail before any loading
     layout = layout_of(registry)
     record = check_slot(registry, request.concept, request.owner)
     base_dir = check_base(layout, request.base)
-    ckpt = _checkpoint_for(request, record, layout, say)
+    ckpt = _checkpoint_for(request, record, layout, say, processes.is_main_process)
     config = resolve_config(request, ckpt, say)
+    config.check_processes(processes.num_processes)
 
     family = layout.model_family
     comps = load_components(base_dir, family)
@@ -155,7 +172,7 @@ def prepare(registry: Registry, request: TrainRequest, say: Say = print) -> Sess
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
-        cpu=not torch.cuda.is_available(),
+        cpu=cpu,
     )
     device = accelerator.device
     freeze(*comps.modules().values())
@@ -164,6 +181,8 @@ def prepare(registry: Registry, request: TrainRequest, say: Say = print) -> Sess
     bank = encode_photos(comps.vae, photos.pixels, comps.scaling_factor, time_ids)
     comps.vae.to(dtype=torch.float32)  # the sample grid decodes in full precision
     bases = load_basis(registry.basis_path(), layout)
+    # before the concept's token is added to them
+    base_tokenizers = [copy.deepcopy(t) for t in comps.tokenizers().values()]
     adapter = attach(
         comps.modules(),
         layout,
@@ -201,7 +220,9 @@ def prepare(registry: Registry, request: TrainRequest, say: Say = print) -> Sess
         bank=bank,
         caption_ids=caption_ids,
         pool=pool,
-        probe=make_probe(bank, caption_ids, comps.noise_scheduler, config.seed),
+        probe=_probe(
+            comps, base_tokenizers, record, tuple(bank.mean.shape[2:]), config.seed, resolution
+        ),
         out_dir=request.out_dir,
         run_meta=_run_meta(record, layout),
         resume_hint=request.resume_hint,
@@ -245,6 +266,47 @@ def _checkpoint_activations(comps: Any, layout: Layout) -> None:
                 enable({"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable({"use_reentrant": False})
+
+
+def launch_note(env: Mapping[str, str], processes: int) -> str | None:
+    """``accelerate launch --cpu --num_processes N`` starts ONE process (several CPU processes
+    need mpirun): it then leaves a rendezvous port set for a run of one. Say so, rather than
+    let a user believe the run was shared."""
+    launched_on_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
+    if processes > 1 or not launched_on_cpu or not env.get("MASTER_PORT"):
+        return None
+    return (
+        "note: training in ONE process: `accelerate launch --cpu` starts only one; on a "
+        "machine without GPUs start several with `accelerate launch --multi_gpu "
+        "--num_processes N` (docs/multi-gpu.md)"
+    )
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def _probe(
+    comps: Any,
+    base_tokenizers: list[Any],
+    record: SlotRecord,
+    latent_shape: tuple[int, ...],
+    seed: int,
+    resolution: int,
+) -> Any:
+    """The learning-strength probe of the concept's own prompts (strength.py): read with the
+    concept's token by the trained model, and as the base reads them (token in pieces); on
+    SDXL with the add_time_ids of an uncropped image at the training resolution."""
+    return make_probe(
+        lambda prompts: loop.tokenize_for(comps, prompts),
+        lambda prompts: tokenize_prompts(base_tokenizers, prompts),
+        record.token,
+        record.class_word,
+        latent_shape,
+        comps.noise_scheduler,
+        seed,
+        resolution if comps.family.dual_text else None,
+    )
 
 
 def _foreign(
@@ -303,7 +365,13 @@ def train(
             layout_hash=layout.layout_hash,
             base_fingerprint=layout.base_fingerprint,
             training=_training_meta(
-                config, photos.resolution, len(photos), state, final_loss, adapter
+                config,
+                photos.resolution,
+                len(photos),
+                state,
+                final_loss,
+                adapter,
+                accelerator.num_processes,
             ),
             text_encoders=tuple(layout.token_dims),
         )
@@ -327,24 +395,23 @@ def train(
         photos=len(photos),
         skipped=tuple(name for name, _ in photos.skipped),
         config=config,
+        main_process=accelerator.is_main_process,
     )
 
 
 def _checkpoint_for(
-    request: TrainRequest, record: SlotRecord, layout: Layout, say: Say
+    request: TrainRequest, record: SlotRecord, layout: Layout, say: Say, main: bool
 ) -> checkpoint.Checkpoint | None:
-    found = checkpoint.latest(request.out_dir)
     if not request.resume:
-        if found is not None:
+        # One process looks and deletes; the others never read what it may be deleting.
+        if main and checkpoint.latest(request.out_dir) is not None:
             say(
                 f"note: starting afresh; existing checkpoints in {request.out_dir} are replaced "
                 "(pass --resume to continue them)"
             )
-            from accelerate import PartialState
-
-            if PartialState().is_main_process:  # one process deletes; the others only read
-                checkpoint.clear(request.out_dir)
+            checkpoint.clear(request.out_dir)
         return None
+    found = checkpoint.latest(request.out_dir)
     if found is None:
         say(f"note: no checkpoint in {request.out_dir}; starting from step 0")
         return None
@@ -375,11 +442,13 @@ def _training_meta(
     state: loop.LoopState,
     final_loss: float,
     adapter: ConceptAdapter,
+    processes: int,
 ) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "trainer": f"blockctl {__version__}",
         **config.to_dict(),
         "resolution": resolution,
+        "processes": processes,  # sharing each batch (loop.share); the result is the same
         "photos": photos,
         "steps_taken": state.step,
         "roe_steps": state.roe_steps,

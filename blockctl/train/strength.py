@@ -1,12 +1,14 @@
 """How strongly the concept has been learnt so far: ‖δ‖² on a small fixed probe, tracked during
-training (DESIGN section 10 defines δ; this is its cheap in-training cousin).
+training (docs/design.md §5 and §10).
 
-δ here is the change of the UNet's prediction on the concept's own prompt between the adapter
-on and the adapter off (token back at its starting embedding, slots off), on a few fixed noised
-latents of the concept's own photos at fixed timesteps. It needs no second model and costs two
-small forward passes, so the loop can sample it every few dozen steps and the adapter file can
-report the curve. Every concept's ratio metrics are divided by its own ‖δ‖²: a concept that
-learnt little looks bad on all of them, which is why the curve is worth keeping.
+δ here is what the identity metrics call δ_s, on a smaller probe: the change of the UNet's
+prediction on the concept's own prompts (the four phrasings eval uses) between the trained model
+and the base reading the same prompts as a base does (the token in pieces, slots off), on fixed
+seeded Gaussian noised latents at timesteps in [100, 900). So the curve tracks the ‖δ_s‖² that
+``blockctl eval`` divides every ratio by (measured against the token at its starting embedding
+instead, the two ranked six trained concepts differently). It needs no second model and costs
+two forward passes of 16 items, so the loop samples it every few dozen steps (about 5 % of the
+training time) and the adapter file keeps the curve.
 """
 
 from __future__ import annotations
@@ -17,38 +19,39 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from blockctl.conditioning import denoise, encode
-from blockctl.train.data import LatentBank
+from blockctl.conditioning import default_time_ids, denoise, encode
+from blockctl.prompts import own_prompts
 from blockctl.train.slot_adapter import ConceptAdapter
 
 WINDOW = 3  # samples averaged before comparing with a target: the curve is noisy step to step
-PROBE_ITEMS = 4
-PROBE_TIMES = (0.2, 0.4, 0.6, 0.8)  # of the schedule: away from the extremes, as eval's probe
+LATENTS_PER_PROMPT = 4
+T_MIN, T_MAX = 100, 900  # as the identity metrics' probe: away from the extremes
 
 
 @dataclass(frozen=True)
 class StrengthProbe:
-    ids: torch.Tensor  # (k, L) the concept's own caption, repeated
+    ids: torch.Tensor  # (k, L) the concept's own prompts, each LATENTS_PER_PROMPT times
+    base_ids: torch.Tensor  # (k, L) the same prompts as the base tokenizer reads them
     noisy: torch.Tensor  # (k, C, h, w)
     timesteps: torch.Tensor  # (k,)
-    time_ids: torch.Tensor | None = None  # SDXL: the photos' add_time_ids (k, 6)
+    time_ids: torch.Tensor | None = None  # SDXL: add_time_ids of an uncropped image (k, 6)
 
 
 def make_probe(
-    bank: LatentBank, caption_ids: torch.Tensor, scheduler: object, seed: int
-) -> StrengthProbe:
-    """Fixed noised latents of the first photos (seeded), each with its own caption."""
+    tokenize: object, tokenize_base: object, token: str, class_word: str,
+    latent_shape: tuple[int, ...], scheduler: object, seed: int, image_size: int | None = None,
+) -> StrengthProbe:  # fmt: skip
+    """Seeded Gaussian latents, noised at seeded timesteps, each paired with one own prompt;
+    with ``image_size`` (SDXL), the add_time_ids of an uncropped image of that size."""
+    prompts = [p for p in own_prompts(token, class_word) for _ in range(LATENTS_PER_PROMPT)]
     gen = torch.Generator().manual_seed(seed)
-    n = bank.mean.shape[1]
-    index = torch.arange(PROBE_ITEMS) % n
-    flip = torch.zeros(PROBE_ITEMS, dtype=torch.bool)
-    shape = (PROBE_ITEMS, *bank.mean.shape[2:])
-    latents = bank.sample(index, flip, torch.randn(shape, generator=gen))
-    noise = torch.randn(latents.shape, generator=gen)
-    steps = int(scheduler.config.num_train_timesteps)  # type: ignore[attr-defined]
-    timesteps = (torch.tensor(PROBE_TIMES) * steps).long()
+    shape = (len(prompts), *latent_shape)
+    latents, noise = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    timesteps = torch.randint(T_MIN, T_MAX, (len(prompts),), generator=gen)
     noisy = scheduler.add_noise(latents, noise, timesteps)  # type: ignore[attr-defined]
-    return StrengthProbe(caption_ids[index], noisy, timesteps, bank.time_ids_for(index, flip))
+    ids = tokenize(prompts)  # type: ignore[operator]
+    time_ids = None if image_size is None else default_time_ids(image_size, len(prompts))
+    return StrengthProbe(ids, tokenize_base(prompts), noisy, timesteps, time_ids)  # type: ignore[operator]
 
 
 @torch.no_grad()
@@ -58,14 +61,14 @@ def delta_sq(
     text_encoders: nn.Module | Sequence[nn.Module],
     adapter: ConceptAdapter,
 ) -> float:
-    """mean((ε_on − ε_off)²) over the probe (one text encoder, or SDXL's two)."""
+    """mean((ε_trained − ε_base)²) over the probe (one text encoder, or SDXL's two)."""
     encoders = [text_encoders] if isinstance(text_encoders, nn.Module) else list(text_encoders)
     device = next(unet.parameters()).device
-    ids, noisy, t = probe.ids.to(device), probe.noisy.to(device), probe.timesteps.to(device)
+    noisy, t = probe.noisy.to(device), probe.timesteps.to(device)
     time_ids = None if probe.time_ids is None else probe.time_ids.to(device)
-    on = denoise(unet, noisy, t, encode(encoders, ids), time_ids)
+    on = denoise(unet, noisy, t, encode(encoders, probe.ids.to(device)), time_ids)
     with adapter.disabled():
-        off = denoise(unet, noisy, t, encode(encoders, ids), time_ids)
+        off = denoise(unet, noisy, t, encode(encoders, probe.base_ids.to(device)), time_ids)
     return float(((on.float() - off.float()) ** 2).mean())
 
 

@@ -51,7 +51,11 @@ def test_file_formats(reg: Registry, tmp_path: Path, fmt: str, extra: list[str])
         reg, "merge", "rex", "vangogh", "-o", str(out), "--format", fmt, *extra
     )
     assert code == 0, stdout + stderr
-    assert "tokens" in (stdout + stderr) and (tmp_path / "out.tokens.safetensors").is_file()
+    assert "out.embeddings/ (rex, vangogh)" in stdout + stderr
+    assert sorted(p.name for p in (tmp_path / "out.embeddings").glob("*.safetensors")) == [
+        "rex.safetensors",
+        "vangogh.safetensors",
+    ]
     code, stdout, stderr = cli(reg, "verify", "--merged", str(out))
     assert code == 0, stdout + stderr
 
@@ -195,3 +199,22 @@ def test_force_replaces_only_a_merge_output(reg: Registry, tmp_path: Path, fmt: 
     assert code == 2, stdout + stderr
     assert "not a blockctl merge output" in (stdout + stderr)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_embeddings_folder_replaced_only_as_a_merge_output(reg: Registry, tmp_path: Path) -> None:
+    out, folder = tmp_path / "m.safetensors", tmp_path / "m.embeddings"
+    folder.mkdir()
+    (folder / "mine.safetensors").write_text("the user's own")
+    for extra in ([], ["--force"]):
+        code, stdout, stderr = cli(reg, "merge", "rex", "-o", str(out), "-f", "lora", *extra)
+        assert code == 2, stdout + stderr
+        assert ("not a blockctl merge output" if extra else "already exists") in stdout + stderr
+    assert not out.exists() and [p.name for p in folder.iterdir()] == ["mine.safetensors"]
+    (folder / "mine.safetensors").unlink()
+    folder.rmdir()
+    assert cli(reg, "merge", "rex", "-o", str(out), "-f", "lora")[0] == 0
+    code, stdout, stderr = cli(reg, "merge", "tabby", "-o", str(out), "-f", "lora", "--force")
+    assert code == 0, stdout + stderr
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["tabby.safetensors"]
+    code, stdout, stderr = cli(reg, "verify", "--merged", str(folder))
+    assert code == 2 and "verify the merged file beside it" in stdout + stderr

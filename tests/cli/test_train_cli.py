@@ -165,10 +165,10 @@ def _interrupt_at(step: int) -> Callable[..., object]:
     """Wrap ``micro_batch`` so a real SIGINT arrives in the middle of ``step``."""
     original = loop.micro_batch
 
-    def wrapped(inputs: loop.LoopInputs, s: int, micro: int, rank: int) -> object:
+    def wrapped(inputs: loop.LoopInputs, s: int, micro: int, *share: int) -> object:
         if s == step - 1 and micro == 0:
             os.kill(os.getpid(), signal.SIGINT)
-        return original(inputs, s, micro, rank)
+        return original(inputs, s, micro, *share)
 
     return wrapped
 

@@ -1,6 +1,7 @@
 """Merge outputs loaded by the real clients: diffusers from_pretrained, from_single_file,
 load_lora_weights (peft keys and, through diffusers' kohya converter, kohya keys), and the
-concept tokens through load_textual_inversion."""
+concept embeddings beside a single file or LoRA through load_textual_inversion, each file as it
+is."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
+from blockctl.adapter import load_adapter, token_key
 from blockctl.merge import MergeOptions, merge
-from registry import Registry
+from blockctl.merge.embeddings import embeddings_dir
+from registry import Registry, open_registry
+from tests.support.generation import generate
 from tests.support.registries import make_published
 
 pytest.importorskip("peft")
@@ -43,7 +46,13 @@ def merged(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     )
     # The default key style, kohya: what diffusers, ComfyUI and AUTOMATIC1111 all read.
     merge(reg, CONCEPTS, MergeOptions(out=outs["kohya"], format="lora", scales=scales))
-    return outs | {"base": tiny_base}
+    return outs | {"base": tiny_base, "reg": Path(reg.location)}
+
+
+def _embedding_files(out: Path) -> tuple[list[str], list[str]]:
+    """The concept embeddings beside ``out`` and the tokens to load them as."""
+    folder = embeddings_dir(out)
+    return [str(folder / f"{c}.safetensors") for c in CONCEPTS], [f"<{c}>" for c in CONCEPTS]
 
 
 def _load(path: Path) -> StableDiffusionPipeline:
@@ -55,6 +64,16 @@ def _load(path: Path) -> StableDiffusionPipeline:
 @pytest.fixture(scope="module")
 def folder_pipe(merged: dict[str, Path]) -> StableDiffusionPipeline:
     return _load(merged["folder"])
+
+
+def _load_single_file(merged: dict[str, Path]) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_single_file(
+        str(merged["single"]),
+        config=str(merged["base"]),
+        local_files_only=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
 
 
 def _unet_out(pipe: StableDiffusionPipeline) -> torch.Tensor:
@@ -76,33 +95,18 @@ def test_from_pretrained_loads_and_generates(folder_pipe: StableDiffusionPipelin
     ids = folder_pipe.tokenizer("a <rex> and <tabby>").input_ids
     vocab = folder_pipe.text_encoder.get_input_embeddings().weight.shape[0]
     assert vocab - 2 in ids and vocab - 1 in ids
-    image = folder_pipe(
-        "a photo of <rex>",
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).images
-    assert image.shape == (1, 32, 32, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
+    generate(folder_pipe, "a photo of <rex>", 32)
 
 
 def test_from_single_file_equals_the_folder(
     merged: dict[str, Path], folder_pipe: StableDiffusionPipeline
 ) -> None:
-    pipe = StableDiffusionPipeline.from_single_file(
-        str(merged["single"]),
-        config=str(merged["base"]),
-        local_files_only=True,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
+    pipe = _load_single_file(merged)
     for name in ("unet", "vae"):
         mine, theirs = getattr(folder_pipe, name).state_dict(), getattr(pipe, name).state_dict()
         assert mine.keys() == theirs.keys()
         assert all(torch.equal(mine[k], theirs[k]) for k in mine), name
-    rows = load_file(str(merged["single"].with_name("merged.tokens.safetensors")))
-    pipe.load_textual_inversion([{tok: row} for tok, row in rows.items()])
+    pipe.load_textual_inversion(*_embedding_files(merged["single"]))
     prompt = "a <rex> with <tabby>"
     assert torch.allclose(_text_out(pipe, prompt), _text_out(folder_pipe, prompt), atol=1e-5)
 
@@ -117,8 +121,7 @@ def test_lora_on_the_base_matches_the_folder(
     after, want = _unet_out(base), _unet_out(folder_pipe)
     assert (after - want).abs().max() <= 1e-4
     assert (before - want).abs().max() > 1e-3  # the LoRA really changed something
-    rows = load_file(str(merged[kind].with_name(f"{kind}.tokens.safetensors")))
-    base.load_textual_inversion([{tok: row} for tok, row in rows.items()])
+    base.load_textual_inversion(*_embedding_files(merged[kind]))
     prompt = "a <tabby>"
     assert torch.allclose(_text_out(base, prompt), _text_out(folder_pipe, prompt), atol=1e-4)
 
@@ -148,3 +151,24 @@ def test_default_lora_fused_by_diffusers_equals_the_folder(
         prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[name]
         targets = sum(k.startswith(prefix) and k.endswith(".lora_down.weight") for k in keys)
         assert changed == targets > 0, name  # every target moved, nothing else did
+
+
+@pytest.mark.parametrize("kind", ["single", "lora", "kohya"])
+def test_each_concept_embedding_loads_as_it_is(merged: dict[str, Path], kind: str) -> None:
+    """What a diffusers user does with a single file or a LoRA: load each concept's file with
+    ``load_textual_inversion(file, token=...)``; the row is the adapter's, the prompt's token
+    is that one id, and the pipeline generates."""
+    if kind == "single":
+        pipe = _load_single_file(merged)
+    else:
+        pipe = _load(merged["base"])
+        pipe.load_lora_weights(str(merged[kind]))
+    reg = open_registry(str(merged["reg"]))
+    for concept, file, token in zip(CONCEPTS, *_embedding_files(merged[kind]), strict=True):
+        pipe.load_textual_inversion(file, token=token)
+        token_id = pipe.tokenizer.convert_tokens_to_ids(token)
+        assert pipe.tokenizer(f"a photo of {token} thing").input_ids.count(token_id) == 1
+        table = pipe.text_encoder.get_input_embeddings().weight
+        row = load_adapter(reg.adapter_file(concept)).tensors[token_key(token)]
+        assert torch.equal(table[token_id], row[0].to(table.dtype))
+    generate(pipe, "a photo of <rex> with <tabby>", 32)

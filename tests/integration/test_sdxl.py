@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from blockctl.adapter import load_adapter, token_key, up_key
-from blockctl.errors import InvalidInput
 from blockctl.layout import Layout, layout_of, sha256_file
+from blockctl.merge.embeddings import embeddings_dir
 from registry import Registry, open_registry
 from tests.conftest import write_random_adapter
 from tests.support.cli import cli
@@ -200,21 +200,21 @@ def test_the_pooled_embedding_is_read_at_the_end_token(
     assert not torch.allclose(at_end, at_token)
 
 
-def _load_sidecar(pipe: StableDiffusionXLPipeline, path: Path) -> None:
+def _load_embeddings(pipe: StableDiffusionXLPipeline, out: Path) -> None:
     """The concept tokens of a single-file or LoRA output, loaded as docs/sdxl.md says: each
-    encoder's rows, and the second encoder told its real end token (the base's config says 2)."""
+    concept's embedding file, ``clip_l`` into the first encoder and ``clip_g`` into the second;
+    and the second encoder told its real end token (the base's config says 2)."""
     pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id
-    rows = load_file(str(path))
+    folder = embeddings_dir(out)
     for concept in CONCEPTS:
-        token = f"<{concept}>"
-        pipe.load_textual_inversion(
-            rows[f"clip_l.{token}"], token=token, text_encoder=pipe.text_encoder,
-            tokenizer=pipe.tokenizer,
-        )  # fmt: skip
-        pipe.load_textual_inversion(
-            rows[f"clip_g.{token}"], token=token, text_encoder=pipe.text_encoder_2,
-            tokenizer=pipe.tokenizer_2,
-        )  # fmt: skip
+        state = load_file(str(folder / f"{concept}.safetensors"))
+        assert {k: v.shape[1] for k, v in state.items()} == {"clip_l": 32, "clip_g": 48}
+        for key, encoder, tokenizer in (("clip_l", "text_encoder", "tokenizer"),
+                                        ("clip_g", "text_encoder_2", "tokenizer_2")):  # fmt: skip
+            pipe.load_textual_inversion(
+                state[key], token=f"<{concept}>", text_encoder=getattr(pipe, encoder),
+                tokenizer=getattr(pipe, tokenizer),
+            )  # fmt: skip
 
 
 def _same_prompt_encoding(a: StableDiffusionXLPipeline, b: StableDiffusionXLPipeline) -> None:
@@ -252,7 +252,7 @@ def test_from_single_file_loads_every_weight_equal_to_the_folder(
                 mine[key][: value.shape[0]] if key.endswith("token_embedding.weight") else mine[key]
             )
             assert torch.equal(value, want), (name, key)
-    _load_sidecar(single, path.with_name("merged.tokens.safetensors"))
+    _load_embeddings(single, path)
     _same_prompt_encoding(single, folder_pipe)
 
 
@@ -281,7 +281,7 @@ def test_lora_and_token_rows_on_the_base_equal_the_folder(
             if key.endswith("token_embedding.weight"):
                 continue  # the folder also has the concept rows
             assert _rel(value, want[key].double()) <= REL, (name, key)
-    _load_sidecar(pipe, path.with_name(f"{kind}.tokens.safetensors"))
+    _load_embeddings(pipe, path)
     _same_prompt_encoding(pipe, folder_pipe)
 
 
@@ -302,36 +302,32 @@ def test_eval_and_sample_run_on_sdxl(world: World, tmp_path: Path) -> None:
     rows = json.loads(out)["concepts"]
     assert [r["concept"] for r in rows] == list(CONCEPTS)
     assert all(r["delta_sq"] > 0 and 0.5 < r["retention"] < 1.5 for r in rows)
-    grid = tmp_path / "grid.png"
-    code, _, err = cli(
-        None, "sample", "a photo of <rex> dog", "--model", world.outs["folder"], "--n", "1",
-        "--steps", "2", "-o", grid,
-    )  # fmt: skip
-    assert code == 0, err
-    assert grid.stat().st_size > 0
+    for name, where in (("folder", ("--model", world.outs["folder"])),
+                        ("composed", ("--concepts", "rex,tabby"))):  # fmt: skip
+        grid = tmp_path / f"{name}.png"
+        code, _, err = cli(
+            world.registry, "sample", "a photo of <rex> dog", *where, "--n", "1", "--steps",
+            "2", "-o", grid,
+        )  # fmt: skip
+        assert code == 0, err
+        assert grid.stat().st_size > 0
 
 
-def test_a_concepts_clip_l_clip_g_embedding_loads_into_both_encoders(
+def test_compose_on_an_sdxl_pipeline_equals_the_merged_folder(
     world: World, folder_pipe: StableDiffusionXLPipeline
 ) -> None:
-    """The SDXL embedding-file layout for clients: loaded the way diffusers documents it."""
-    from blockctl.merge import plan_merge
-    from blockctl.merge.sdxl_embedding import sdxl_embedding
+    from blockctl.compose import compose
 
-    plan = plan_merge(world.registry, ["tabby"], {})
-    state = sdxl_embedding(plan, "tabby")
-    assert {k: tuple(v.shape) for k, v in state.items()} == {"clip_l": (1, 32), "clip_g": (1, 48)}
     pipe = _pipe(world.base)
-    pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id
-    for name, encoder, tokenizer in (("clip_l", "text_encoder", "tokenizer"),
-                                     ("clip_g", "text_encoder_2", "tokenizer_2")):  # fmt: skip
-        pipe.load_textual_inversion(
-            state[name], token="<tabby>", text_encoder=getattr(pipe, encoder),
-            tokenizer=getattr(pipe, tokenizer),
-        )  # fmt: skip
-    _, rows = _expected(world)
-    for encoder in ENCODERS:
-        embedding = getattr(pipe, encoder).get_input_embeddings().weight
-        assert _rel(embedding[-1:], rows[encoder][1:2]) <= REL  # tabby: the second concept
-    with pytest.raises(InvalidInput):
-        sdxl_embedding(plan, "rex")
+    before = {name: getattr(pipe, name).state_dict() for name in ("unet", *ENCODERS)}
+    before = {n: {k: v.clone() for k, v in sd.items()} for n, sd in before.items()}
+    with compose(pipe, world.registry, list(CONCEPTS), scales={"rex": 0.8}):
+        for name in ("unet", *ENCODERS):
+            want = getattr(folder_pipe, name).state_dict()
+            for key, value in getattr(pipe, name).state_dict().items():
+                assert _rel(value, want[key].double()) <= REL, (name, key)
+        _same_prompt_encoding(pipe, folder_pipe)
+    for name, state in before.items():  # the base again, bit for bit
+        after = getattr(pipe, name).state_dict()
+        assert all(torch.equal(after[k], v) for k, v in state.items()), name
+    assert "<rex>" not in pipe.tokenizer_2.get_vocab()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -18,21 +17,13 @@ from blockctl.layout import layout_of, sha256_file
 from blockctl.merge import MergeOptions, merge, parse_dtype, parse_scales, plan_merge
 from blockctl.merged_check import check_merged
 from registry import Registry
+from tests.support.files import digest_tree
 from tests.support.registries import make_published
 
 
 @pytest.fixture(scope="module")
 def reg(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Registry:
     return make_published(tmp_path_factory.mktemp("merge-reg"), tiny_base)
-
-
-def digest_tree(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(path)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def expected_weight(
@@ -160,11 +151,11 @@ def test_lora_factors_multiply_to_the_delta(reg: Registry) -> None:
 
 
 def test_lora_file_metadata_and_default_key_style(reg: Registry, tmp_path: Path) -> None:
-    """Key names are checked in test_lora_keys.py; here: metadata, sidecar, the default."""
+    """Key names are checked in test_lora_keys.py; here: metadata, embeddings, the default."""
     out = tmp_path / "l.safetensors"
     result = merge(reg, ["rex", "tabby"], MergeOptions(out=out, format="lora"))
-    sidecar = tmp_path / "l.tokens.safetensors"
-    assert result.files == (out, sidecar) and result.notes
+    folder = tmp_path / "l.embeddings"
+    assert result.files == (out, folder) and result.notes
     layout = layout_of(reg)
     with safe_open(str(out), framework="pt") as h:
         keys, meta = set(h.keys()), h.metadata()
@@ -175,7 +166,8 @@ def test_lora_file_metadata_and_default_key_style(reg: Registry, tmp_path: Path)
     assert record["layout_hash"] == layout.layout_hash and all(
         c["sha256"] for c in record["concepts"]
     )
-    assert set(load_file(str(sidecar))) == {"<rex>", "<tabby>"}
+    assert record["embeddings"] == {"rex": "rex.safetensors", "tabby": "tabby.safetensors"}
+    assert set(load_file(str(folder / "rex.safetensors"))) == {"emb_params"}
     peft = tmp_path / "p.safetensors"
     merge(reg, ["rex"], MergeOptions(out=peft, format="lora", lora_keys="peft"))
     with safe_open(str(peft), framework="pt") as h:
@@ -228,17 +220,6 @@ def test_attn_preset_without_text_encoder(tiny_base: Path, tmp_path: Path) -> No
     # Only the token embedding changes: the other text encoder tensors keep their bytes' values.
     got, want = load_file(str(out / te)), load_file(str(base / te))
     assert all(torch.equal(got[k], v) for k, v in want.items() if "token_embedding" not in k)
-
-
-def test_verify_merged_checks_the_token_sidecar(reg: Registry, tmp_path: Path) -> None:
-    out = tmp_path / "l.safetensors"
-    merge(reg, ["tabby"], MergeOptions(out=out, format="lora"))
-    report = check_merged(reg, out)
-    assert report.ok and report.errors["tokens"] == 0.0
-    (tmp_path / "l.tokens.safetensors").unlink()
-    assert "sidecar" in " ".join(check_merged(reg, out).problems)
-    with pytest.raises(InvalidInput, match="not a blockctl merge output"):
-        check_merged(reg, reg.basis_path())
 
 
 def test_tokenizer_without_tokenizer_json(tiny_base: Path, tmp_path: Path) -> None:
