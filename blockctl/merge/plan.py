@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -156,9 +157,19 @@ class MergePlan:
     def slot_scales(self) -> dict[int, float]:
         return {s.slot: self.layout.scale * s.scale for s in self.selected}
 
-    def targets(self, component: str) -> dict[str, Target]:
+    def targets(self, component: str) -> Mapping[str, Target]:
         """Canonical weight key (within the component) → target."""
-        return {f"{t.module}.weight": t for t in self.layout.targets if t.component == component}
+        return self._targets_by_component.get(component, {})
+
+    @cached_property
+    def _targets_by_component(self) -> dict[str, dict[str, Target]]:
+        # Asked once per streamed tensor: on SDXL's 2,500 tensors, rebuilding it each time
+        # cost 0.8 s of a merge. (cached_property writes the instance dict, which a frozen
+        # dataclass allows; ``replace`` makes a new instance with an empty cache.)
+        out: dict[str, dict[str, Target]] = {}
+        for t in self.layout.targets:
+            out.setdefault(t.component, {})[f"{t.module}.weight"] = t
+        return out
 
     def token_rows_for(self, component: str, key: str) -> int:
         """How many concept-token rows are appended to this tensor (0 for all but the token
