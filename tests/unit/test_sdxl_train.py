@@ -330,3 +330,45 @@ def test_the_sample_grid_renders_on_sdxl(sdxl_registry: Registry, tmp_path: Path
     grid = Image.open(path)
     assert grid.size[0] == 2 * 32  # base | trained, one 32-px image each
     assert s.inputs.adapter.embedding.enabled  # left switched on
+
+
+def test_processes_share_an_sdxl_batch_with_its_time_ids_and_both_encoders_standins(
+    sdxl_registry: Registry, tmp_path: Path
+) -> None:
+    """Two processes: the add_time_ids are cut with their items, the stand-in rows of both
+    encoders (looked up by number) go whole to each, and the mean of the shares' gradients is
+    the whole batch's."""
+    s = _session(
+        sdxl_registry, tmp_path, batch_size=4, roe_batch_size=2, roe_standin=1.0,
+        token_norm_bound=1.0,
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in s.inputs.adapter.slot_parameters():
+            p.normal_(0, 0.5)
+    step = next(
+        i for i in range(10) if (e := loop.micro_batch(s.inputs, i, 0).erasure) is not None
+        and e.standins is not None
+    )  # fmt: skip
+    whole = loop.micro_batch(s.inputs, step, 0)
+    parts = [loop.micro_batch(s.inputs, step, 0, rank, 2) for rank in range(2)]
+    assert whole.erasure is not None and whole.erasure.standins_2 is not None
+    time_ids = [p.time_ids for p in parts]
+    assert all(t is not None and t.shape[0] == 2 for t in time_ids)
+    assert torch.equal(torch.cat([t for t in time_ids if t is not None]), whole.time_ids)
+    for part in parts:
+        e = part.erasure
+        assert e is not None and e.time_ids is not None and e.time_ids.shape[0] == 1
+        assert e.standins is not None and e.standins_2 is not None
+        assert torch.equal(e.standins_2, whole.erasure.standins_2)
+
+    def grads(batches: list[loop.MicroBatch]) -> list[torch.Tensor]:
+        params = s.inputs.adapter.slot_parameters() + s.inputs.adapter.embedding_parameters()
+        for p in params:
+            p.grad = None
+        for batch in batches:
+            loss, _ = loop.step_loss(s.inputs.config, s.model, batch, "cpu")
+            (loss / len(batches)).backward()
+        return [p.grad.clone() for p in params if p.grad is not None]
+
+    for w, g in zip(grads([whole]), grads(parts), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
