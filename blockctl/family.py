@@ -27,9 +27,6 @@ class TextPart:
     encoder: str  # diffusers component: "text_encoder", "text_encoder_2"
     tokenizer: str  # "tokenizer", "tokenizer_2"
     model_class: str  # the transformers class of the encoder
-    # The key under which SDXL embedding files (textual inversion) hold this encoder's rows,
-    # as diffusers' and ComfyUI's loaders read them; None where files hold one bare row.
-    embedding_name: str | None
     kohya_prefix: str  # its LoRA modules' prefix in kohya key style
 
 
@@ -56,17 +53,15 @@ class Family:
 SD = Family(
     name="sd",
     pipeline_class="StableDiffusionPipeline",
-    text=(TextPart("text_encoder", "tokenizer", "CLIPTextModel", None, "lora_te_"),),
+    text=(TextPart("text_encoder", "tokenizer", "CLIPTextModel", "lora_te_"),),
     dual_text=False,
 )
 SDXL = Family(
     name="sdxl",
     pipeline_class="StableDiffusionXLPipeline",
     text=(
-        TextPart("text_encoder", "tokenizer", "CLIPTextModel", "clip_l", "lora_te1_"),
-        TextPart(
-            "text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", "clip_g", "lora_te2_"
-        ),
+        TextPart("text_encoder", "tokenizer", "CLIPTextModel", "lora_te1_"),
+        TextPart("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", "lora_te2_"),
     ),
     dual_text=True,
 )
