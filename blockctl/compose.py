@@ -43,7 +43,8 @@ class Composer:
     """Switches subsets of a registry's published concepts in and out of one loaded pipeline.
 
     ``pipe`` is a diffusers Stable Diffusion pipeline (anything with ``unet``, ``text_encoder``
-    and ``tokenizer``), on the device and in the dtype it will run in; its targeted weights must
+    and ``tokenizer``; an SDXL one's ``text_encoder_2`` and ``tokenizer_2`` get the concept
+    tokens too), on the device and in the dtype it will run in; its targeted weights must
     be the registry's base (compared exactly, after casting the base to the pipeline's dtype).
     While concepts are set, ``pipe.tokenizer`` is a copy that knows their tokens, with the ids a
     merged folder of the same concepts would give them; ``restore`` puts the original back.
