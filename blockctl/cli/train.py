@@ -156,10 +156,10 @@ def train(
         show_default="the base's own: 1024 SDXL, 512 SD 1.5, 64 toy",
     ),
     gradient_checkpointing: bool = typer.Option(
-        None,
-        "--gradient-checkpointing/--no-gradient-checkpointing",
-        help="Recompute activations in the backward pass: less memory, slower steps.",
-        show_default="off",
+        False,
+        "--gradient-checkpointing",
+        help="Recompute activations in the backward pass: less memory, slower steps, same "
+        "gradients.",
     ),
     out: Path = typer.Option(
         None, "--out", "-o", help="Run folder.", show_default="./blockctl-runs/CONCEPT"
@@ -210,7 +210,7 @@ def train(
         checkpoint_every=checkpoint_every,
         mixed_precision=mixed_precision,
         resolution=resolution,
-        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing=gradient_checkpointing or None,  # None: not given
     )
     overrides = {k: v for k, v in given.items() if v is not None}
     out_dir = out if out is not None else DEFAULT_RUNS / concept
