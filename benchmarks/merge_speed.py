@@ -126,23 +126,43 @@ def _write_random(path: Path, shapes: dict[str, tuple[int, ...]], seed: int) -> 
             writer.write(e.key, (0.02 * torch.randn(e.shape, generator=gen)).to(torch.float16))
 
 
+def _toy_tokenizer() -> Any:
+    """A CLIP tokenizer of the toy vocabulary (~500 tokens; no CLIP vocabulary offline)."""
+    from transformers import CLIPTokenizer
+
+    from blockctl.toy.model import write_tokenizer_files
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_files(tmp, ())
+        vocab = json.loads((Path(tmp) / "vocab.json").read_text())
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _write_parts(base: Path, parts: tuple[tuple[str, Any, str], ...]) -> None:
+    """Each (component, model built on the meta device, weight file stem): its config, and
+    random fp16 weights of its shapes."""
+    for i, (name, model, stem) in enumerate(parts):
+        (base / name).mkdir(parents=True)
+        if name.startswith("text_encoder"):
+            model.config.save_pretrained(str(base / name))
+        else:
+            model.save_config(str(base / name))
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        _write_random(base / name / f"{stem}.safetensors", shapes, seed=i)
+
+
 def build_base(root: Path) -> Path:
     """An SD-1.5-shaped pipeline folder with random fp16 weights, written tensor by tensor."""
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from diffusers.schedulers.scheduling_pndm import PNDMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from blockctl.toy.model import write_tokenizer_files
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     base = root / "base"
     if (base / "model_index.json").is_file():
         return base
     shutil.rmtree(base, ignore_errors=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer_files(tmp, ())
-        vocab = json.loads((Path(tmp) / "vocab.json").read_text())
-        tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tokenizer = _toy_tokenizer()
     tokenizer.save_pretrained(str(base / "tokenizer"))
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET)
@@ -160,14 +180,7 @@ def build_base(root: Path) -> Path:
         ("vae", vae, "diffusion_pytorch_model"),
         ("text_encoder", text, "model"),
     )
-    for i, (name, model, stem) in enumerate(parts):
-        (base / name).mkdir(parents=True)
-        if name == "text_encoder":
-            model.config.save_pretrained(str(base / name))
-        else:
-            model.save_config(str(base / name))
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        _write_random(base / name / f"{stem}.safetensors", shapes, seed=i)
+    _write_parts(base, parts)
     PNDMScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True
     ).save_config(str(base / "scheduler"))
@@ -191,23 +204,13 @@ def build_sdxl_base(root: Path) -> Path:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-    )
-
-    from blockctl.toy.model import write_tokenizer_files
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     base = root / "sdxl-base"
     if (base / "model_index.json").is_file():
         return base
     shutil.rmtree(base, ignore_errors=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer_files(tmp, ())
-        vocab = json.loads((Path(tmp) / "vocab.json").read_text())
-        tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tokenizer = _toy_tokenizer()
     tokenizer.save_pretrained(str(base / "tokenizer"))
     tokenizer.pad_token = "!"  # as SDXL's second tokenizer pads
     tokenizer.save_pretrained(str(base / "tokenizer_2"))
@@ -224,14 +227,7 @@ def build_sdxl_base(root: Path) -> Path:
                 "model",
             ),
         )
-    for i, (name, model, stem) in enumerate(parts):
-        (base / name).mkdir(parents=True)
-        if name.startswith("text_encoder"):
-            model.config.save_pretrained(str(base / name))
-        else:
-            model.save_config(str(base / name))
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        _write_random(base / name / f"{stem}.safetensors", shapes, seed=i)
+    _write_parts(base, parts)
     EulerDiscreteScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
         timestep_spacing="leading",
