@@ -43,6 +43,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "bound1": variant(token_norm_bound=1.0),
     "empty10": variant(roe_empty=0.1),
     "standin30-unbounded-off10": variant(roe_standin=0.3, roe_standin_offset=10.0),
+    "standin30-off10-empty10": variant(roe_standin=0.3, roe_standin_offset=10.0, roe_empty=0.1),
     "bound1-standin30": variant(token_norm_bound=1.0, roe_standin=0.3),
     "bound1-standin30-empty10": variant(token_norm_bound=1.0, roe_standin=0.3, roe_empty=0.1),
     "bound1-standin50-empty10": variant(token_norm_bound=1.0, roe_standin=0.5, roe_empty=0.1),
