@@ -13,6 +13,11 @@ layers, nothing extra per step.
     with compose(pipe, registry, ["rex", "brick"], scales={"rex": 0.8}):
         image = pipe("a photo of <rex> star on a <brick> background").images[0]
 
+``mode="branch"`` (layouts whose targets all read text: the default ``cross-kv``) leaves every
+weight alone and runs the loaded concepts as one low-rank branch per target instead
+(``blockctl.slot_branch``): a switch writes one mask vector, microseconds, at the price of a
+branch over the 77 text tokens in each cross-attention layer.
+
 Checks are the merge's (``plan_merge``): an unknown or unpublished concept is a slot conflict
 (exit code 3), an adapter made for another layout or base, or a pipeline whose targeted weights
 are not the registry's base, fails validation (exit code 4).
@@ -35,7 +40,10 @@ from blockctl.base_model import BaseFolder, resolve_base
 from blockctl.errors import InvalidInput, ValidationFailed
 from blockctl.layout import Layout, layout_of
 from blockctl.merge.plan import MergePlan, check_request, plan_merge
+from blockctl.slot_branch import SlotBank, TargetLayers, image_reading
 from registry.base import Registry
+
+MODES = ("fuse", "branch")
 
 
 class Composer:
@@ -47,8 +55,21 @@ class Composer:
     While concepts are set, ``pipe.tokenizer`` is a copy that knows their tokens, with the ids a
     merged folder of the same concepts would give them; ``restore`` puts the original back.
 
+    ``mode``:
+
+    - ``"fuse"`` (the default): each ``set`` writes ``W + Σ scale·B A`` into the targeted
+      weights from a kept copy of the originals, one matmul per target; denoising then runs
+      exactly the base's arithmetic, and a float32 pipeline equals the merged folder bit for bit.
+    - ``"branch"``: the weights are never written. While concepts are set, each target layer is
+      wrapped in a ``BranchLinear`` holding every loaded concept's block, and ``set`` writes
+      only a mask (and the tokens); ``restore`` takes the wrappers out, so the pipeline is the
+      base's object graph again. Only for layouts whose targets all read text (``cross-kv``,
+      with or without text-encoder targets); an ``attn`` layout is refused (InvalidInput): its
+      branch would run on every image token. Predictions equal fuse mode's up to rounding (the
+      low-rank product is not rounded into the weight first).
+
     Each concept's adapter is read, checked and moved to the pipeline's device once, on first
-    use (or ahead of time with ``load``); a switch then costs one matmul per target.
+    use (or ahead of time with ``load``).
 
     Thread safety: ``set``, ``restore`` and ``load`` take a lock, so concurrent calls on one
     Composer are serialised; they may come from any thread (a thread other than the one that
@@ -57,25 +78,38 @@ class Composer:
     mix of two subsets: run generation and switching from one thread, or hold one lock of
     your own around both. To serve different subsets at the same time, give each worker its
     own pipeline and Composer. Two Composers on one pipeline are refused (the second sees
-    weights that are no longer the base's).
+    weights that are no longer the base's, or layers wrapped by the first's branch).
 
     Move the pipeline (``.to(device or dtype)``) before making its Composer, not after.
     """
 
-    def __init__(self, pipe: Any, registry: Registry | str | Path) -> None:
+    def __init__(self, pipe: Any, registry: Registry | str | Path, mode: str = "fuse") -> None:
+        if mode not in MODES:
+            raise InvalidInput(f"unknown compose mode {mode!r}; choose one of {', '.join(MODES)}")
         self._pipe = pipe
         self._registry = _open(registry)
         self.layout: Layout = layout_of(self._registry)
+        self.mode = mode
+        if mode == "branch":
+            _check_branchable(self.layout)
         modules = _modules_of(pipe)
         keys = [(t.component, t.module) for t in self.layout.targets]
-        self._device = _check_is_base(modules, self.layout, keys)
-        self._overlay = Overlay(modules, keys)
+        weight = _check_is_base(modules, self.layout, keys)
+        self._layers = TargetLayers({c: modules.component(c) for c, _ in keys}, keys)
+        self._device = weight.device
         self._plans: dict[str, MergePlan] = {}  # concept -> its plan alone, on the device
         self._bases: dict[int, torch.Tensor] = {}
         self._active: dict[str, float] = {}
         self._lock = threading.RLock()
         self._owner = threading.get_ident()
         self._local = threading.local()
+        self._bank: SlotBank | None = None
+        if mode == "branch":
+            self._bank = SlotBank(
+                self._bases, self.layout.rank, self.layout.scale, weight.dtype, weight.device
+            )
+        # The tokens go in the same way in both modes; only fuse mode keeps and writes weights.
+        self._overlay = Overlay(modules, keys if self._bank is None else ())
 
     @property
     def active(self) -> dict[str, float]:
@@ -113,10 +147,11 @@ class Composer:
             self._apply(self._combined(list(scales), scales))
 
     def restore(self) -> None:
-        """Back to the base: targeted weights, embedding and tokenizer, bit for bit."""
+        """Back to the base, bit for bit: targeted weights (branch mode: the layers' original
+        objects), embedding and tokenizer. Nothing to do where this Composer has nothing set."""
         with self._lock:
-            self._pipe.tokenizer = self._overlay.restore()
-            self._active = {}
+            if self._active:
+                self._reset()
 
     def __enter__(self) -> Composer:
         return self
@@ -138,21 +173,23 @@ class Composer:
         return here
 
     def _keep(self, plan: MergePlan) -> None:
-        """Cache each of the plan's concepts alone, its tensors on the pipeline's device."""
+        """Cache each of the plan's concepts alone, its tensors on the pipeline's device (branch
+        mode: its blocks go into the bank, and the cached plan keeps only its tokens)."""
         for width, basis in plan.bases.items():
             if width not in self._bases:
                 self._bases[width] = basis.to(self._device, torch.float32)
-        for sel in plan.selected:
-            if sel.concept in self._plans:
-                continue
+        new = [sel for sel in plan.selected if sel.concept not in self._plans]
+        for sel in new:
             alone = plan.only(sel.concept)
-            self._plans[sel.concept] = replace(
-                alone,
-                ups={
-                    target: {slot: b.to(self._device, torch.float32) for slot, b in ups.items()}
-                    for target, ups in alone.ups.items()
-                },
-                bases=self._bases,
+            kept = {
+                target: {slot: b.to(self._device, torch.float32) for slot, b in ups.items()}
+                for target, ups in alone.ups.items()
+                if self._bank is None
+            }
+            self._plans[sel.concept] = replace(alone, ups=kept, bases=self._bases)
+        if self._bank is not None:
+            self._bank.append(
+                [(sel.slot, {t: ups[sel.slot] for t, ups in plan.ups.items()}) for sel in new]
             )
 
     def _combined(self, concepts: Sequence[str], scales: Mapping[str, float]) -> MergePlan:
@@ -166,20 +203,32 @@ class Composer:
                 for p in parts
             ),
             ups={
-                t.name: {s: b for p in parts for s, b in p.ups[t.name].items()}
-                for t in self.layout.targets
+                name: {s: b for p in parts for s, b in p.ups[name].items()} for name in parts[0].ups
             },
             token_rows=tuple(row for p in parts for row in p.token_rows),
         )
 
     def _apply(self, plan: MergePlan) -> None:
+        if not self._layers.wrapped:  # (with this Composer's wrappers in, nobody else's can be)
+            self._layers.check()  # before anything is touched: the pipeline may be another's
         try:
-            self._pipe.tokenizer = self._overlay.apply(plan_deltas(plan), plan.token_rows)
+            if self._bank is None:
+                self._pipe.tokenizer = self._overlay.apply(plan_deltas(plan), plan.token_rows)
+            else:
+                self._bank.show({s.slot: s.scale for s in plan.selected})
+                self._layers.wrap(self._bank)
+                self._pipe.tokenizer = self._overlay.apply(_untouched, plan.token_rows)
         except BaseException:
-            self._pipe.tokenizer = self._overlay.tokenizer  # the overlay restored itself
-            self._active = {}
+            self._reset()
             raise
         self._active = {s.concept: s.scale for s in plan.selected}
+
+    def _reset(self) -> None:
+        self._layers.unwrap()
+        if self._bank is not None:
+            self._bank.forget_inputs()
+        self._pipe.tokenizer = self._overlay.restore()
+        self._active = {}
 
 
 @contextmanager
@@ -188,9 +237,10 @@ def compose(
     registry: Registry | str | Path,
     concepts: Sequence[str],
     scales: Mapping[str, float] | None = None,
+    mode: str = "fuse",
 ) -> Iterator[Any]:
     """``pipe`` with ``concepts`` composed in (see ``Composer``), restored on exit."""
-    with Composer(pipe, registry) as composer:
+    with Composer(pipe, registry, mode) as composer:
         composer.set(concepts, scales)
         yield pipe
 
@@ -214,12 +264,29 @@ def _modules_of(pipe: Any) -> Modules:
     return Modules(unet, text_encoder, tokenizer)
 
 
-def _check_is_base(modules: Modules, layout: Layout, keys: Sequence[Key]) -> torch.device:
+def _untouched(key: Key) -> None:
+    """Branch mode's weight deltas: none, every weight stays as loaded."""
+    return None
+
+
+def _check_branchable(layout: Layout) -> None:
+    reading_images = image_reading(layout)
+    if reading_images:
+        raise InvalidInput(
+            f"branch mode needs targets that read only text, but this registry's layout "
+            f"({layout.preset}) targets {len(reading_images)} layer(s) that read the image, "
+            f"e.g. {reading_images[0]}: a branch there would run on every image token",
+            hint="use mode='fuse' for this registry",
+        )
+
+
+def _check_is_base(modules: Modules, layout: Layout, keys: Sequence[Key]) -> torch.Tensor:
     """Refuse a pipeline whose targeted weights are not the registry's base (read from the base
     folder, which ``plan_merge`` checks against the layout's fingerprint, and cast to the
-    pipeline's dtype); returns the device they are on."""
+    pipeline's dtype), or whose target layers another Composer's branch wraps; returns one of
+    the weights (for their device and dtype)."""
     base = BaseFolder(resolve_base(layout.base))
-    device = None
+    weight = None
     for component, module in keys:
         try:
             weight = modules.weight((component, module))
@@ -234,6 +301,5 @@ def _check_is_base(modules: Modules, layout: Layout, keys: Sequence[Key]) -> tor
                 f"(another model, or concepts already fused into it)",
                 hint=f"load the pipeline from the registry's base, {layout.base}",
             )
-        device = weight.device
-    assert device is not None  # a layout has at least one target
-    return device
+    assert weight is not None  # a layout has at least one target
+    return weight
