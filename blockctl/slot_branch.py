@@ -102,9 +102,12 @@ class SlotBank:
         self._lows.clear()
 
     def add(self, target: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``y + B_all (m ⊙ A_all x)`` for one target."""
-        up = self.ups[target]
-        return y + F.linear(self._low(x), up.to(x.device, x.dtype))
+        """``y + B_all (m ⊙ A_all x)`` for one target: one ``addmm`` (a single kernel on a GPU)
+        once ``A_all x`` is cached."""
+        up = self.ups[target].to(x.device, x.dtype)
+        low = self._low(x)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), low.reshape(-1, low.shape[-1]), up.T)
+        return out.view(y.shape)
 
     def _low(self, x: torch.Tensor) -> torch.Tensor:
         width = x.shape[-1]

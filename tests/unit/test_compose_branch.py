@@ -88,7 +88,9 @@ def test_a_whole_pipeline_call_matches_fuse_mode(reg: Registry, pipe: Any) -> No
 
     def image() -> Any:
         gen = torch.Generator().manual_seed(3)
-        run = pipe(PROMPT, height=32, width=32, num_inference_steps=3, generator=gen, output_type="np")
+        run = pipe(
+            PROMPT, height=32, width=32, num_inference_steps=3, generator=gen, output_type="np"
+        )
         return torch.from_numpy(run.images)
 
     with compose(pipe, reg, ["rex", "tabby"]):
@@ -174,7 +176,9 @@ def test_the_input_cache_never_serves_stale_results(reg: Registry, pipe: Any) ->
     composer.load(["rex", "tabby", "vangogh"])  # so that only the switch can invalidate
     composer.set(["rex", "tabby"])
     ctx = encode(pipe)
-    x = torch.randn(1, pipe.unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(
+        1, pipe.unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(1)
+    )
 
     def eps(context: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -197,7 +201,7 @@ def test_the_input_cache_never_serves_stale_results(reg: Registry, pipe: Any) ->
 
 def test_an_attn_layout_is_refused(tiny_base: Path, tmp_path: Path, pipe: Any) -> None:
     attn = make_published(tmp_path / "attn", tiny_base, ("rex",), preset="attn")
-    with pytest.raises(InvalidInput, match="read only text.*attn1"):
+    with pytest.raises(InvalidInput, match=r"read only text.*attn1"):
         Composer(pipe, attn, mode="branch")
     with pytest.raises(InvalidInput, match="unknown compose mode 'lazy'"):
         Composer(pipe, attn, mode="lazy")
