@@ -3,20 +3,24 @@ loaded Stable Diffusion pipeline, and back out, without writing a merged model.
 
 Slots make any subset one exact weight update: ``W' = W + Σ_s scale_s·B_s A_s`` per targeted
 weight, the concept tokens' rows appended to the text encoder's vocabulary. A ``Composer`` bound
-to a pipeline keeps the targeted weights (and the embedding and tokenizer) once as loaded, and
-each ``set`` recomputes them from those originals: one float32 matmul per target, cast to the
-weight's dtype on its device. Nothing else in the pipeline is touched; after ``restore`` the
-pipeline is the base again, bit for bit. Denoising then runs at the base's speed: no adapter
-layers, nothing extra per step.
+to a pipeline does that in one of two modes:
+
+- ``"fuse"`` (the default) keeps the targeted weights (and the embedding and tokenizer) once as
+  loaded, and each ``set`` recomputes them from those originals: one float32 matmul per target,
+  cast to the weight's dtype on its device. Denoising then runs at the base's speed: no adapter
+  layers, nothing extra per step.
+- ``"branch"`` (layouts whose targets all read text, as the default ``cross-kv`` does) never
+  writes a weight: the loaded concepts run as one low-rank branch per target
+  (``blockctl.slot_branch``), and a switch writes one mask vector and the tokens, well under a
+  millisecond, at the price of that branch over the 77 text tokens in each cross-attention
+  layer.
+
+Nothing else in the pipeline is touched; after ``restore`` the pipeline is the base again, bit
+for bit.
 
     pipe = StableDiffusionPipeline.from_pretrained(base_folder, dtype=torch.float16).to("cuda")
     with compose(pipe, registry, ["rex", "brick"], scales={"rex": 0.8}):
         image = pipe("a photo of <rex> star on a <brick> background").images[0]
-
-``mode="branch"`` (layouts whose targets all read text: the default ``cross-kv``) leaves every
-weight alone and runs the loaded concepts as one low-rank branch per target instead
-(``blockctl.slot_branch``): a switch writes one mask vector, microseconds, at the price of a
-branch over the 77 text tokens in each cross-attention layer.
 
 Checks are the merge's (``plan_merge``): an unknown or unpublished concept is a slot conflict
 (exit code 3), an adapter made for another layout or base, or a pipeline whose targeted weights
@@ -77,8 +81,12 @@ class Composer:
     another thread from running the pipeline *during* a switch, though, and it would see a
     mix of two subsets: run generation and switching from one thread, or hold one lock of
     your own around both. To serve different subsets at the same time, give each worker its
-    own pipeline and Composer. Two Composers on one pipeline are refused (the second sees
-    weights that are no longer the base's, or layers wrapped by the first's branch).
+    own pipeline and Composer. Both modes alike; in branch mode, forwards that run while no
+    switch does are as safe as on the base (the branch's cache of ``A_all x`` only ever serves
+    the very tensor it was computed from). Two Composers on one pipeline are refused (the
+    second sees weights that are no longer the base's, or layers wrapped by the first's branch).
+    Save the pipeline (``save_pretrained``) only after ``restore``: in branch mode its target
+    layers are wrappers while concepts are set.
 
     Move the pipeline (``.to(device or dtype)``) before making its Composer, not after.
     """
@@ -181,11 +189,14 @@ class Composer:
         new = [sel for sel in plan.selected if sel.concept not in self._plans]
         for sel in new:
             alone = plan.only(sel.concept)
-            kept = {
-                target: {slot: b.to(self._device, torch.float32) for slot, b in ups.items()}
-                for target, ups in alone.ups.items()
+            kept = (
+                {
+                    target: {slot: b.to(self._device, torch.float32) for slot, b in ups.items()}
+                    for target, ups in alone.ups.items()
+                }
                 if self._bank is None
-            }
+                else {}
+            )
             self._plans[sel.concept] = replace(alone, ups=kept, bases=self._bases)
         if self._bank is not None:
             self._bank.append(
