@@ -1,28 +1,35 @@
-"""Switching concepts in one loaded pipeline: ``blockctl.compose`` vs diffusers' ``set_adapters``,
-on the SD-1.5-shaped random fp16 pipeline that merge_speed.py builds (its builders, imported).
+"""Switching concepts in one loaded pipeline: ``blockctl.compose`` in its two modes vs diffusers'
+``set_adapters``, on the SD-1.5-shaped random fp16 pipeline that merge_speed.py builds (its
+builders, imported).
 
 With 15 and then 60 published rank-4 concepts, in one run:
 
-(a) switch time: to a new random subset of 5 and of 15 concepts, ``Composer.set`` (every
-    targeted weight recomputed from the kept originals, the tokens' rows and tokenizer
-    included) vs ``pipe.set_adapters`` with the same concepts loaded as LoRAs
-    (``load_lora_weights`` ×N of blockctl's one-concept LoRA exports; their tokens are left
-    out, which only spares diffusers work). Same subsets, same order, weights in fp16;
-(b) one UNet forward with a subset active (60 loaded): blockctl (composed weights), diffusers
-    unfused (LoRA layers active) and the bare base (the Composer restored, bit for bit). fp16
-    convolutions on a CPU are impractical (a 32×32 forward took 164 s here), so on a CPU the
-    UNets are cast to float32 for the forwards, every variant alike;
+(a) switch time: to a new random subset of 5 and of 15 concepts, ``Composer.set`` in fuse mode
+    (every targeted weight recomputed from the kept originals) and in branch mode (one mask
+    written; the weights untouched), the tokens' rows and tokenizer included in both, vs
+    ``pipe.set_adapters`` with the same concepts loaded as LoRAs (``load_lora_weights`` ×N of
+    blockctl's one-concept LoRA exports; their tokens are left out, which only spares diffusers
+    work). Same subsets, same order, weights in fp16;
+(b) one UNet forward with a subset active (60 loaded): fuse mode (composed weights), branch
+    mode (the low-rank branch on the 77 text tokens), diffusers unfused (LoRA layers active) and
+    the bare base (the fuse Composer restored, bit for bit). fp16 convolutions on a CPU are
+    impractical (a 32×32 forward took 164 s here), so on a CPU the UNets are cast to float32 for
+    the forwards, every variant alike. Whole forwards vary by ±10% on a shared machine, so the
+    32 targeted layers are also timed alone on the prompt encoding (batch 1 and 2), bare, with
+    the branch and with diffusers' LoRA layers: the difference is what each adds to a forward;
 (c) peak RSS of each contender alone in its own process (VmHWM after loading the pipeline and
-    the concepts and switching), against the bare pipeline's.
+    the concepts and switching), against the bare pipeline's;
+(d) after ``restore``: max |W − W_base| over the targets against the base's files, and whether
+    the tokenizer and every UNet module are the objects that were loaded.
 
-Timings of both contenders come from one process holding two copies of the pipeline, their
-switches and forwards interleaved, so the changing load of a shared machine hits both alike.
-Exactness: after ``restore`` every targeted weight equals the base's file (max |W − W_base|).
-One thread (``torch.set_num_threads(1)``); wall and CPU time (``process_time``) are both
-recorded, the CPU time being the fairer measure on a machine other processes load. Usage::
+Timings of the contenders come from one process holding three copies of the pipeline, their
+switches and forwards interleaved in rotating order, so the changing load of a shared machine
+hits all alike. One thread (``torch.set_num_threads(1)``); wall and CPU time (``process_time``)
+are both recorded, the CPU time being the fairer measure on a machine other processes load.
+Usage::
 
     python benchmarks/compose_speed.py [--work /tmp/compose-bench] [--switches 20]
-        [--forwards 3] [--device cpu|cuda]
+        [--forwards 4] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -136,8 +143,9 @@ class Forward:
         return timed(self.device, self.unet, self.x, 500, self.ctx)
 
 
-def restore_error(composer: Any, pipe: Any, base: Path) -> float:
-    """max |W − W_base| over the targets, W_base read from the base's files."""
+def restore_check(composer: Any, pipe: Any, base: Path, modules: dict[str, Any]) -> dict[str, Any]:
+    """After ``restore``: max |W − W_base| over the targets (W_base read from the base's
+    files), whether the tokenizer and every UNet module are the very objects loaded."""
     from blockctl.base_model import BaseFolder
 
     stored = BaseFolder(base)
@@ -147,7 +155,44 @@ def restore_error(composer: Any, pipe: Any, base: Path) -> float:
         live = part.get_submodule(t.module).weight.detach().float().cpu()
         want = stored.read(t.component, f"{t.module}.weight").float()
         error = max(error, float((live - want).abs().max()))
-    return error
+    now = dict(pipe.unet.named_modules())
+    return {
+        "max_abs_error": error,
+        "tokenizer_is_original": pipe.tokenizer is modules["tokenizer"],
+        "unet_modules_are_original": now.keys() == modules["unet"].keys()
+        and all(now[k] is m for k, m in modules["unet"].items()),
+    }
+
+
+def loaded_state(pipe: Any) -> dict[str, Any]:
+    return {"tokenizer": pipe.tokenizer, "unet": dict(pipe.unet.named_modules())}
+
+
+def branch_layers(pipe: Any, targets: Sequence[Any]) -> list[Any]:
+    return [pipe.unet.get_submodule(t.module) for t in targets]
+
+
+def layer_seconds(
+    device: str, layers: Sequence[Any], ctx: torch.Tensor, repeats: int
+) -> list[float]:
+    """Seconds of each of ``repeats`` passes over ``layers`` on the prompt encoding ``ctx``:
+    what the targets cost in one UNet forward (a branch's input cache emptied first, as by a
+    switch)."""
+    banks = {id(b): b for b in (getattr(m, "bank", None) for m in layers) if b is not None}
+    runs = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            for bank in banks.values():
+                bank.forget_inputs()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for layer in layers:
+                layer(ctx)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            runs.append(time.perf_counter() - start)
+    return runs
 
 
 def child_timing(
@@ -160,64 +205,120 @@ def child_timing(
     device: str,
     latent: int,
 ) -> dict[str, Any]:
-    """Both contenders in one process, each on its own copy of the pipeline, interleaved."""
+    """The three contenders in one process, each on its own copy of the pipeline, interleaved."""
     from blockctl.compose import Composer
 
-    ours = load_fp16(base, device)
-    tokenizer = ours.tokenizer
-    composer = Composer(ours, reg)
-    composer.load(concepts(n))
+    fused = load_fp16(base, device)
+    fused_state = loaded_state(fused)
+    fuse = Composer(fused, reg)
+    fuse.load(concepts(n))
+    branched = load_fp16(base, device)
+    branched_state = loaded_state(branched)
+    branch = Composer(branched, reg, mode="branch")
+    branch.load(concepts(n))
     theirs = load_fp16(base, device)
     load_loras(theirs, loras, n)
     runs = subsets(n, switches, seed=0)
     first = runs[SUBSET_SIZES[0]][0]
-    composer.set(first)  # warm-ups, not timed
+    fuse.set(first)  # warm-ups, not timed
+    branch.set(first)
     theirs.set_adapters(first, [1.0] * len(first))
     switch = Times()
     for k in SUBSET_SIZES:
         for i, subset in enumerate(runs[k]):
             turns = [
-                (f"blockctl_{k}", composer.set, (subset,)),
+                (f"fuse_{k}", fuse.set, (subset,)),
+                (f"branch_{k}", branch.set, (subset,)),
                 (f"diffusers_{k}", theirs.set_adapters, (subset, [1.0] * k)),
             ]
-            for label, fn, args in turns if i % 2 == 0 else turns[::-1]:
+            for label, fn, args in turns[i % 3 :] + turns[: i % 3]:  # rotated every switch
                 switch.add(label, timed(device, fn, *args))
-    composer.restore()
+    fuse.restore()
+    branch.restore()
     out: dict[str, Any] = {
         "switch_seconds": switch.to_dict(),
-        "restore_max_abs_error": restore_error(composer, ours, base),
-        "restore_tokenizer_is_original": ours.tokenizer is tokenizer,
+        "restore": {
+            "fuse": restore_check(fuse, fused, base, fused_state),
+            "branch": restore_check(branch, branched, base, branched_state),
+        },
     }
     if forwards:
         dtype = torch.float32 if device == "cpu" else torch.float16  # see the module docstring
-        ours.unet.to(dtype)
-        theirs.unet.to(dtype)
-        mine_fwd = Forward(ours.unet, device, latent)
+        if dtype != fused.unet.dtype:
+            for pipe in (fused, branched, theirs):
+                pipe.unet.to(dtype)
+            # A branch's tensors are made in the pipeline's dtype: a new Composer for the new one.
+            branch = Composer(branched, reg, mode="branch")
+            branch.load(concepts(n))
+        fuse_fwd = Forward(fused.unet, device, latent)
+        branch_fwd = Forward(branched.unet, device, latent)
         their_fwd = Forward(theirs.unet, device, latent)
-        mine_fwd()  # warm-ups
+        fuse_fwd()  # warm-ups
+        branch.set(first)
+        branch_fwd()
         their_fwd()
 
         def variant(label: str) -> tuple[float, float]:
             kind, _, size = label.partition("_")
             if kind == "base":
-                composer.restore()
-                return mine_fwd()
-            if kind == "blockctl":
-                composer.set(runs[int(size)][0])
-                return mine_fwd()
-            theirs.set_adapters(runs[int(size)][0], [1.0] * int(size))
+                fuse.restore()
+                return fuse_fwd()
+            subset = runs[int(size)][0]
+            if kind == "fuse":
+                fuse.set(subset)
+                return fuse_fwd()
+            if kind == "branch":
+                branch.set(subset)
+                return branch_fwd()
+            theirs.set_adapters(subset, [1.0] * int(size))
             return their_fwd()
 
         labels = ["base"] + [
-            f"{who}_{k}" for k in SUBSET_SIZES for who in ("blockctl", "diffusers")
+            f"{who}_{k}" for k in SUBSET_SIZES for who in ("fuse", "branch", "diffusers")
         ]
         fwd = Times()
         for r in range(forwards):  # interleaved, in an order rotated every round
             for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
                 fwd.add(label, variant(label))
-        composer.restore()
+        fuse.restore()
         out["forward_seconds"] = fwd.to_dict()
         out["forward_dtype"] = str(dtype).removeprefix("torch.")
+        out["target_layer_seconds"] = target_layer_seconds(
+            device, fused, branch, branched, theirs, runs, fuse_fwd.ctx
+        )
+        branch.restore()
+    return out
+
+
+def target_layer_seconds(
+    device: str,
+    fused: Any,
+    branch: Any,
+    branched: Any,
+    theirs: Any,
+    runs: dict[int, list[list[str]]],
+    ctx: torch.Tensor,
+) -> dict[str, Any]:
+    """The 32 targeted layers alone on the prompt encoding (batch 1 and 2, as with guidance),
+    many times: the bare Linears, blockctl's branch and diffusers' LoRA layers with a subset
+    active. The difference is what the unfused variants add to a forward, measured far more
+    precisely than whole forwards on a shared machine can."""
+    targets = branch.layout.targets
+    out: dict[str, Any] = {}
+    for batch in (1, 2):
+        prompt = ctx.expand(batch, -1, -1).contiguous()
+        row: dict[str, Any] = {
+            "bare": layer_seconds(device, branch_layers(fused, targets), prompt, 50)
+        }
+        for k in SUBSET_SIZES:
+            subset = runs[k][0]
+            branch.set(subset)
+            theirs.set_adapters(subset, [1.0] * k)
+            row[f"branch_{k}"] = layer_seconds(device, branch_layers(branched, targets), prompt, 50)
+            row[f"diffusers_{k}"] = layer_seconds(
+                device, branch_layers(theirs, targets), prompt, 50
+            )
+        out[f"batch_{batch}"] = row
     return out
 
 
@@ -228,10 +329,10 @@ def child_memory(variant: str, base: Path, where: Path, n: int, device: str) -> 
     out: dict[str, Any] = {"rss_pipeline_bytes": peak_rss_bytes()}
     runs = [s for ss in subsets(n, 3, seed=1).values() for s in ss] if n else []
     start = time.perf_counter()
-    if variant == "blockctl":
+    if variant in ("fuse", "branch"):
         from blockctl.compose import Composer
 
-        composer = Composer(pipe, str(where))
+        composer = Composer(pipe, str(where), mode=variant)
         composer.load(concepts(n))
         out["load_seconds"] = time.perf_counter() - start
         for subset in runs:
@@ -262,24 +363,34 @@ def child() -> None:
 
 def summary(seconds: Sequence[float]) -> dict[str, float]:
     return {
-        "mean": round(statistics.fmean(seconds), 5),
-        "median": round(statistics.median(seconds), 5),
-        "best": round(min(seconds), 5),
-        "worst": round(max(seconds), 5),
+        "mean": round(statistics.fmean(seconds), 6),
+        "median": round(statistics.median(seconds), 6),
+        "best": round(min(seconds), 6),
+        "worst": round(max(seconds), 6),
+    }
+
+
+def ratios(mine: Sequence[float], other: Sequence[float]) -> dict[str, float]:
+    """other ÷ mine by mean, median and worst case (> 1: mine is faster)."""
+    return {
+        "mean": round(statistics.fmean(other) / statistics.fmean(mine), 3),
+        "median": round(statistics.median(other) / statistics.median(mine), 3),
+        "worst": round(max(other) / max(mine), 3),
     }
 
 
 def compare(switch: dict[str, list[float]]) -> dict[str, Any]:
-    """Switch-time summaries and how many times faster blockctl is (mean/mean, worst/worst)."""
+    """Switch-time summaries and how many times faster than ``set_adapters`` each blockctl
+    mode is (mean/mean, median/median, worst/worst)."""
     out = {}
     for k in SUBSET_SIZES:
-        ours, theirs = switch[f"blockctl_{k}"], switch[f"diffusers_{k}"]
+        fuse, branch, theirs = (switch[f"{who}_{k}"] for who in ("fuse", "branch", "diffusers"))
         out[f"subset_{k}"] = {
-            "blockctl": summary(ours),
+            "blockctl_fuse": summary(fuse),
+            "blockctl_branch": summary(branch),
             "diffusers_set_adapters": summary(theirs),
-            "speedup_mean": round(statistics.fmean(theirs) / statistics.fmean(ours), 2),
-            "speedup_median": round(statistics.median(theirs) / statistics.median(ours), 2),
-            "speedup_worst": round(max(theirs) / max(ours), 2),
+            "speedup_fuse": ratios(fuse, theirs),
+            "speedup_branch": ratios(branch, theirs),
         }
     return out
 
@@ -288,19 +399,37 @@ def forward_table(times: dict[str, list[float]]) -> dict[str, Any]:
     base = times["base"]
     out: dict[str, Any] = {"bare_base": summary(base)}
     for k in SUBSET_SIZES:
-        ours, theirs = times[f"blockctl_{k}"], times[f"diffusers_{k}"]
-        out[f"subset_{k}"] = {
-            "blockctl": summary(ours),
-            "diffusers_unfused": summary(theirs),
-            "blockctl_vs_base_median": round(statistics.median(ours) / statistics.median(base), 3),
-            "blockctl_vs_base_mean": round(statistics.fmean(ours) / statistics.fmean(base), 3),
-            "blockctl_vs_base_worst": round(max(ours) / max(base), 3),
-            "diffusers_vs_base_median": round(
-                statistics.median(theirs) / statistics.median(base), 3
-            ),
-            "diffusers_vs_base_mean": round(statistics.fmean(theirs) / statistics.fmean(base), 3),
-            "diffusers_vs_base_worst": round(max(theirs) / max(base), 3),
-        }
+        row: dict[str, Any] = {}
+        for who, name in (("fuse", "blockctl_fuse"), ("branch", "blockctl_branch"),
+                          ("diffusers", "diffusers_unfused")):  # fmt: skip
+            row[name] = summary(times[f"{who}_{k}"])
+            row[f"{name}_vs_base"] = ratios(base, times[f"{who}_{k}"])
+        out[f"subset_{k}"] = row
+    return out
+
+
+def layer_table(layers: dict[str, Any], forward: dict[str, Any]) -> dict[str, Any]:
+    """Milliseconds the unfused variants add to the targets' pass, by the best and the median of
+    the passes (the best is the least disturbed by other processes); at batch 1 also as a share
+    of one bare forward's median (batch 1, as the forwards are timed)."""
+    base_fwd = forward["bare_base"]["median"]
+    out: dict[str, Any] = {}
+    for batch, row in layers.items():
+        bare = {"best": min(row["bare"]), "median": statistics.median(row["bare"])}
+        out[batch] = {"bare_targets_ms": {k: round(v * 1e3, 3) for k, v in bare.items()}}
+        for label, runs in row.items():
+            if label == "bare":
+                continue
+            mine = {"best": min(runs), "median": statistics.median(runs)}
+            extra = {k: mine[k] - bare[k] for k in mine}
+            out[batch][label] = {
+                "targets_ms": {k: round(v * 1e3, 3) for k, v in mine.items()},
+                "extra_ms": {k: round(v * 1e3, 3) for k, v in extra.items()},
+            }
+            if batch == "batch_1":
+                out[batch][label]["extra_share_of_forward"] = {
+                    k: round(v / base_fwd, 5) for k, v in extra.items()
+                }
     return out
 
 
@@ -323,7 +452,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "compose-bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/compose_speed.json")
     parser.add_argument("--switches", type=int, default=20)
-    parser.add_argument("--forwards", type=int, default=6)
+    parser.add_argument("--forwards", type=int, default=4)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU run")
     parser.add_argument("--latent", type=int, default=LATENT, help="latent side of the forwards")
     args = parser.parse_args()
@@ -347,7 +476,8 @@ def main() -> None:
     bare = run("base", base, base, 0, dev)
     memory = {
         n: {
-            "blockctl": run("blockctl", base, reg_path, n, dev),
+            "fuse": run("fuse", base, reg_path, n, dev),
+            "branch": run("branch", base, reg_path, n, dev),
             "diffusers": run("diffusers", base, loras, n, dev),
         }
         for n in LOADED
@@ -359,11 +489,17 @@ def main() -> None:
             "timing", base, reg_path, loras, n, args.switches, forwards, dev, args.latent
         )
     at = timing[FORWARD_AT]
+    forward = (
+        {clock: forward_table(at["forward_seconds"][clock]) for clock in ("wall", "cpu")}
+        if args.forwards
+        else {}
+    )
     result = {
         "what": "switching concepts in one loaded SD-1.5-shaped fp16 pipeline (random weights, "
-        "cross-kv preset: 32 targets, 19.2M weights; rank 4): blockctl Composer.set vs "
-        "diffusers set_adapters with the same concepts loaded as LoRAs; one UNet forward with "
-        "a subset active; peak RSS",
+        "cross-kv preset: 32 targets, 19.2M weights; rank 4): blockctl Composer.set in fuse "
+        "mode (weights rewritten) and branch mode (a mask written) vs diffusers set_adapters "
+        "with the same concepts loaded as LoRAs; one UNet forward with a subset active; the "
+        "targeted layers alone; peak RSS",
         "git_commit": git_commit(),
         "versions": versions(),
         "machine": {
@@ -391,20 +527,19 @@ def main() -> None:
             clock: {f"loaded_{n}": compare(t["switch_seconds"][clock]) for n, t in timing.items()}
             for clock in ("wall", "cpu")
         },
-        "forward_seconds": {
-            clock: forward_table(at["forward_seconds"][clock]) for clock in ("wall", "cpu")
-        }
+        "forward_seconds": forward,
+        "target_layers": layer_table(at["target_layer_seconds"], forward["wall"])
         if args.forwards
         else {},
         "peak_rss_bytes": {
             "bare_pipeline": bare["peak_rss_bytes"],
             **{
                 f"loaded_{n}": {
-                    "blockctl": m["blockctl"]["peak_rss_bytes"],
-                    "diffusers": m["diffusers"]["peak_rss_bytes"],
-                    "blockctl_over_bare": m["blockctl"]["peak_rss_bytes"] - bare["peak_rss_bytes"],
-                    "diffusers_over_bare": m["diffusers"]["peak_rss_bytes"]
-                    - bare["peak_rss_bytes"],
+                    **{who: m[who]["peak_rss_bytes"] for who in m},
+                    **{
+                        f"{who}_over_bare": m[who]["peak_rss_bytes"] - bare["peak_rss_bytes"]
+                        for who in m
+                    },
                 }
                 for n, m in memory.items()
             },
@@ -413,18 +548,13 @@ def main() -> None:
         },
         "load_seconds": {
             f"loaded_{n}": {
-                "blockctl_composer_load": round(m["blockctl"]["load_seconds"], 3),
+                "blockctl_fuse_load": round(m["fuse"]["load_seconds"], 3),
+                "blockctl_branch_load": round(m["branch"]["load_seconds"], 3),
                 "diffusers_load_lora_weights": round(m["diffusers"]["load_seconds"], 3),
             }
             for n, m in memory.items()
         },
-        "restore": {
-            f"loaded_{n}": {
-                "max_abs_error": t["restore_max_abs_error"],
-                "tokenizer_is_original": t["restore_tokenizer_is_original"],
-            }
-            for n, t in timing.items()
-        },
+        "restore": {f"loaded_{n}": t["restore"] for n, t in timing.items()},
         "targets": {
             "switch_speedup_at_60_min": 20.0,
             "forward_vs_base_max": 1.02,
@@ -435,7 +565,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    shown = ("switch_seconds", "forward_seconds", "peak_rss_bytes", "load_seconds", "restore")
+    shown = ("switch_seconds", "forward_seconds", "target_layers", "peak_rss_bytes", "restore")
     print(json.dumps({k: result[k] for k in shown}, indent=2))
 
 

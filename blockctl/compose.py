@@ -3,11 +3,20 @@ loaded Stable Diffusion pipeline, and back out, without writing a merged model.
 
 Slots make any subset one exact weight update: ``W' = W + Σ_s scale_s·B_s A_s`` per targeted
 weight, the concept tokens' rows appended to the text encoder's vocabulary. A ``Composer`` bound
-to a pipeline keeps the targeted weights (and the embedding and tokenizer) once as loaded, and
-each ``set`` recomputes them from those originals: one float32 matmul per target, cast to the
-weight's dtype on its device. Nothing else in the pipeline is touched; after ``restore`` the
-pipeline is the base again, bit for bit. Denoising then runs at the base's speed: no adapter
-layers, nothing extra per step.
+to a pipeline does that in one of two modes:
+
+- ``"fuse"`` (the default) keeps the targeted weights (and the embedding and tokenizer) once as
+  loaded, and each ``set`` recomputes them from those originals: one float32 matmul per target,
+  cast to the weight's dtype on its device. Denoising then runs at the base's speed: no adapter
+  layers, nothing extra per step.
+- ``"branch"`` (layouts whose targets all read text, as the default ``cross-kv`` does) never
+  writes a weight: the loaded concepts run as one low-rank branch per target
+  (``blockctl.slot_branch``), and a switch writes one mask vector and the tokens, well under a
+  millisecond, at the price of that branch over the 77 text tokens in each cross-attention
+  layer.
+
+Nothing else in the pipeline is touched; after ``restore`` the pipeline is the base again, bit
+for bit.
 
     pipe = StableDiffusionPipeline.from_pretrained(base_folder, dtype=torch.float16).to("cuda")
     with compose(pipe, registry, ["rex", "brick"], scales={"rex": 0.8}):
@@ -36,7 +45,10 @@ from blockctl.conditioning import pool_at_end_token
 from blockctl.errors import InvalidInput, ValidationFailed
 from blockctl.layout import Layout, layout_of
 from blockctl.merge.plan import MergePlan, check_request, plan_merge
+from blockctl.slot_branch import SlotBank, TargetLayers, image_reading
 from registry.base import Registry
+
+MODES = ("fuse", "branch")
 
 
 class Composer:
@@ -49,8 +61,21 @@ class Composer:
     While concepts are set, ``pipe.tokenizer`` is a copy that knows their tokens, with the ids a
     merged folder of the same concepts would give them; ``restore`` puts the original back.
 
+    ``mode``:
+
+    - ``"fuse"`` (the default): each ``set`` writes ``W + Σ scale·B A`` into the targeted
+      weights from a kept copy of the originals, one matmul per target; denoising then runs
+      exactly the base's arithmetic, and a float32 pipeline equals the merged folder bit for bit.
+    - ``"branch"``: the weights are never written. While concepts are set, each target layer is
+      wrapped in a ``BranchLinear`` holding every loaded concept's block, and ``set`` writes
+      only a mask (and the tokens); ``restore`` takes the wrappers out, so the pipeline is the
+      base's object graph again. Only for layouts whose targets all read text (``cross-kv``,
+      with or without text-encoder targets); an ``attn`` layout is refused (InvalidInput): its
+      branch would run on every image token. Predictions equal fuse mode's up to rounding (the
+      low-rank product is not rounded into the weight first).
+
     Each concept's adapter is read, checked and moved to the pipeline's device once, on first
-    use (or ahead of time with ``load``); a switch then costs one matmul per target.
+    use (or ahead of time with ``load``).
 
     Thread safety: ``set``, ``restore`` and ``load`` take a lock, so concurrent calls on one
     Composer are serialised; they may come from any thread (a thread other than the one that
@@ -58,20 +83,43 @@ class Composer:
     another thread from running the pipeline *during* a switch, though, and it would see a
     mix of two subsets: run generation and switching from one thread, or hold one lock of
     your own around both. To serve different subsets at the same time, give each worker its
-    own pipeline and Composer. Two Composers on one pipeline are refused (the second sees
-    weights that are no longer the base's).
+    own pipeline and Composer. Both modes alike; in branch mode, forwards that run while no
+    switch does are as safe as on the base (the branch's cache of ``A_all x`` only ever serves
+    the very tensor it was computed from). Two Composers on one pipeline are refused (the
+    second sees weights that are no longer the base's, or layers wrapped by the first's branch).
+    Save the pipeline (``save_pretrained``) only after ``restore``: in branch mode its target
+    layers are wrappers while concepts are set.
 
     Move the pipeline (``.to(device or dtype)``) before making its Composer, not after.
     """
 
-    def __init__(self, pipe: Any, registry: Registry | str | Path) -> None:
+    def __init__(self, pipe: Any, registry: Registry | str | Path, mode: str = "fuse") -> None:
+        if mode not in MODES:
+            raise InvalidInput(f"unknown compose mode {mode!r}; choose one of {', '.join(MODES)}")
         self._pipe = pipe
         self._registry = _open(registry)
         self.layout: Layout = layout_of(self._registry)
+        self.mode = mode
+        if mode == "branch":
+            _check_branchable(self.layout)
         modules = _modules_of(pipe)
         keys = [(t.component, t.module) for t in self.layout.targets]
-        self._device = _check_is_base(modules, self.layout, keys)
-        self._overlay = Overlay(modules, keys)
+        weight = _check_is_base(modules, self.layout, keys)
+        self._layers = TargetLayers({c: modules.component(c) for c, _ in keys}, keys)
+        self._device = weight.device
+        self._plans: dict[str, MergePlan] = {}  # concept -> its plan alone, on the device
+        self._bases: dict[int, torch.Tensor] = {}
+        self._active: dict[str, float] = {}
+        self._lock = threading.RLock()
+        self._owner = threading.get_ident()
+        self._local = threading.local()
+        self._bank: SlotBank | None = None
+        if mode == "branch":
+            self._bank = SlotBank(
+                self._bases, self.layout.rank, self.layout.scale, weight.dtype, weight.device
+            )
+        # The tokens go in the same way in both modes; only fuse mode keeps and writes weights.
+        self._overlay = Overlay(modules, keys if self._bank is None else ())
         # SDXL: the concept tokens' rows in the second text encoder too, through an Overlay of
         # their own (no weights: the first one holds every targeted weight)
         self._overlay_2: Overlay | None = None
@@ -79,12 +127,6 @@ class Composer:
             self._overlay_2 = Overlay(
                 Modules(modules.unet, modules.text_encoder_2, modules.tokenizer_2), ()
             )
-        self._plans: dict[str, MergePlan] = {}  # concept -> its plan alone, on the device
-        self._bases: dict[int, torch.Tensor] = {}
-        self._active: dict[str, float] = {}
-        self._lock = threading.RLock()
-        self._owner = threading.get_ident()
-        self._local = threading.local()
 
     @property
     def active(self) -> dict[str, float]:
@@ -122,12 +164,11 @@ class Composer:
             self._apply(self._combined(list(scales), scales))
 
     def restore(self) -> None:
-        """Back to the base: targeted weights, embedding and tokenizer, bit for bit."""
+        """Back to the base, bit for bit: targeted weights (branch mode: the layers' original
+        objects), embedding and tokenizer. Nothing to do where this Composer has nothing set."""
         with self._lock:
-            self._pipe.tokenizer = self._overlay.restore()
-            if self._overlay_2 is not None:
-                self._pipe.tokenizer_2 = self._overlay_2.restore()
-            self._active = {}
+            if self._active:
+                self._reset()
 
     def __enter__(self) -> Composer:
         return self
@@ -149,21 +190,26 @@ class Composer:
         return here
 
     def _keep(self, plan: MergePlan) -> None:
-        """Cache each of the plan's concepts alone, its tensors on the pipeline's device."""
+        """Cache each of the plan's concepts alone, its tensors on the pipeline's device (branch
+        mode: its blocks go into the bank, and the cached plan keeps only its tokens)."""
         for width, basis in plan.bases.items():
             if width not in self._bases:
                 self._bases[width] = basis.to(self._device, torch.float32)
-        for sel in plan.selected:
-            if sel.concept in self._plans:
-                continue
+        new = [sel for sel in plan.selected if sel.concept not in self._plans]
+        for sel in new:
             alone = plan.only(sel.concept)
-            self._plans[sel.concept] = replace(
-                alone,
-                ups={
+            kept = (
+                {
                     target: {slot: b.to(self._device, torch.float32) for slot, b in ups.items()}
                     for target, ups in alone.ups.items()
-                },
-                bases=self._bases,
+                }
+                if self._bank is None
+                else {}
+            )
+            self._plans[sel.concept] = replace(alone, ups=kept, bases=self._bases)
+        if self._bank is not None:
+            self._bank.append(
+                [(sel.slot, {t: ups[sel.slot] for t, ups in plan.ups.items()}) for sel in new]
             )
 
     def _combined(self, concepts: Sequence[str], scales: Mapping[str, float]) -> MergePlan:
@@ -177,8 +223,7 @@ class Composer:
                 for p in parts
             ),
             ups={
-                t.name: {s: b for p in parts for s, b in p.ups[t.name].items()}
-                for t in self.layout.targets
+                name: {s: b for p in parts for s, b in p.ups[name].items()} for name in parts[0].ups
             },
             text_rows={
                 encoder: tuple(row for p in parts for row in p.text_rows.get(encoder, ()))
@@ -187,15 +232,31 @@ class Composer:
         )
 
     def _apply(self, plan: MergePlan) -> None:
+        if not self._layers.wrapped:  # (with this Composer's wrappers in, nobody else's can be)
+            self._layers.check()  # before anything is touched: the pipeline may be another's
         try:
-            self._pipe.tokenizer = self._overlay.apply(plan_deltas(plan), plan.token_rows)
+            if self._bank is None:
+                self._pipe.tokenizer = self._overlay.apply(plan_deltas(plan), plan.token_rows)
+            else:
+                self._bank.show({s.slot: s.scale for s in plan.selected})
+                self._layers.wrap(self._bank)
+                self._pipe.tokenizer = self._overlay.apply(_untouched, plan.token_rows)
             if self._overlay_2 is not None:
                 rows = plan.text_rows.get("text_encoder_2", ())
-                self._pipe.tokenizer_2 = self._overlay_2.apply(lambda key: None, rows)
+                self._pipe.tokenizer_2 = self._overlay_2.apply(_untouched, rows)
         except BaseException:
-            self.restore()  # an overlay that failed restored itself; the other is put back
+            self._reset()
             raise
         self._active = {s.concept: s.scale for s in plan.selected}
+
+    def _reset(self) -> None:
+        self._layers.unwrap()
+        if self._bank is not None:
+            self._bank.forget_inputs()
+        self._pipe.tokenizer = self._overlay.restore()
+        if self._overlay_2 is not None:
+            self._pipe.tokenizer_2 = self._overlay_2.restore()
+        self._active = {}
 
 
 @contextmanager
@@ -204,9 +265,10 @@ def compose(
     registry: Registry | str | Path,
     concepts: Sequence[str],
     scales: Mapping[str, float] | None = None,
+    mode: str = "fuse",
 ) -> Iterator[Any]:
     """``pipe`` with ``concepts`` composed in (see ``Composer``), restored on exit."""
-    with Composer(pipe, registry) as composer:
+    with Composer(pipe, registry, mode) as composer:
         composer.set(concepts, scales)
         yield pipe
 
@@ -235,12 +297,29 @@ def _modules_of(pipe: Any) -> Modules:
     return Modules(unet, text_encoder, tokenizer, text_encoder_2, tokenizer_2)
 
 
-def _check_is_base(modules: Modules, layout: Layout, keys: Sequence[Key]) -> torch.device:
+def _untouched(key: Key) -> None:
+    """Branch mode's weight deltas: none, every weight stays as loaded."""
+    return None
+
+
+def _check_branchable(layout: Layout) -> None:
+    reading_images = image_reading(layout)
+    if reading_images:
+        raise InvalidInput(
+            f"branch mode needs targets that read only text, but this registry's layout "
+            f"({layout.preset}) targets {len(reading_images)} layer(s) that read the image, "
+            f"e.g. {reading_images[0]}: a branch there would run on every image token",
+            hint="use mode='fuse' for this registry",
+        )
+
+
+def _check_is_base(modules: Modules, layout: Layout, keys: Sequence[Key]) -> torch.Tensor:
     """Refuse a pipeline whose targeted weights are not the registry's base (read from the base
     folder, which ``plan_merge`` checks against the layout's fingerprint, and cast to the
-    pipeline's dtype); returns the device they are on."""
+    pipeline's dtype), or whose target layers another Composer's branch wraps; returns one of
+    the weights (for their device and dtype)."""
     base = BaseFolder(resolve_base(layout.base))
-    device = None
+    weight = None
     for component, module in keys:
         try:
             weight = modules.weight((component, module))
@@ -255,6 +334,5 @@ def _check_is_base(modules: Modules, layout: Layout, keys: Sequence[Key]) -> tor
                 f"(another model, or concepts already fused into it)",
                 hint=f"load the pipeline from the registry's base, {layout.base}",
             )
-        device = weight.device
-    assert device is not None  # a layout has at least one target
-    return device
+    assert weight is not None  # a layout has at least one target
+    return weight
