@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockctl import blocks
-from blockctl.errors import ValidationFailed
+from blockctl.clip_names import submodule
+from blockctl.errors import InvalidInput, ValidationFailed
 from blockctl.layout import PRESETS, Layout
 
 # (component, module) of a target, as blockctl.apply names it
@@ -161,6 +162,9 @@ class TargetLayers:
 
     def __init__(self, roots: Mapping[str, nn.Module], keys: Sequence[Key]) -> None:
         self._roots = roots
+        # Each target's module path as the loaded model spells it (CLIP text encoders may or
+        # may not have the ``text_model.`` level the layout's names carry).
+        self._paths = {key: self._spelling(key) for key in keys}
         self._layers = {key: self._live(key) for key in keys}
         for (component, module), layer in self._layers.items():
             if isinstance(layer, BranchLinear):
@@ -193,7 +197,7 @@ class TargetLayers:
         try:
             for (component, module), layer in self._layers.items():
                 wrapper = BranchLinear(layer, bank, f"{component}.{module}")
-                self._roots[component].set_submodule(module, wrapper)
+                self._roots[component].set_submodule(self._paths[(component, module)], wrapper)
                 self._wrappers[(component, module)] = wrapper
         except BaseException:
             self.unwrap()
@@ -203,8 +207,15 @@ class TargetLayers:
         """This object's wrappers out, the original layer objects back in their place."""
         for key, wrapper in self._wrappers.items():
             if self._live(key) is wrapper:
-                self._roots[key[0]].set_submodule(key[1], self._layers[key])
+                self._roots[key[0]].set_submodule(self._paths[key], self._layers[key])
         self._wrappers = {}
 
     def _live(self, key: Key) -> nn.Module:
-        return self._roots[key[0]].get_submodule(key[1])
+        return self._roots[key[0]].get_submodule(self._paths[key])
+
+    def _spelling(self, key: Key) -> str:
+        try:
+            path, _ = submodule(self._roots[key[0]], key[1])
+        except AttributeError:
+            raise InvalidInput(f"the {key[0]} has no module {key[1]!r}") from None
+        return path
