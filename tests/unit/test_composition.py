@@ -68,3 +68,24 @@ def test_default_pairs_cover_the_issues_kinds() -> None:
 def test_default_style_keeps_the_subjects_colours() -> None:
     pairs = composition.default_pairs(concepts("rex,neon,vangogh"), per_category=1)
     assert [p.names for p in pairs] == [("rex", "vangogh")]
+
+
+def test_summary_pools_samples_and_checks_the_targets() -> None:
+    def row(method: str, pair: list[str], both: float) -> dict[str, object]:
+        return {"method": method, "pair": pair, "both_recognised": both, "images": 4,
+                "function_space_distance": 0.0 if method == composition.PAIR else 1.0}  # fmt: skip
+
+    rows = [
+        row(composition.PAIR, ["rex", "brick"], 0.5), row(composition.ALL, ["rex", "brick"], 0.5),
+        row(composition.PAIR, ["heart", "rex"], 1.0), row(composition.ALL, ["heart", "rex"], 0.75),
+        row(composition.LORA, ["rex", "brick"], 0.25),
+        {"method": composition.LORA, "pair": ["heart", "rex"], "skipped": "no LoRA of heart"},
+    ]  # fmt: skip
+    s = composition.summarise(rows)
+    assert (s[composition.PAIR]["both"], s[composition.PAIR]["samples"]) == (6, 8)
+    assert s[composition.ALL]["both_recognised"] == 5 / 8
+    assert s[composition.LORA]["pairs"] == 1
+    assert s["targets"]["merge_vs_pair_only"] == pytest.approx(5 / 6)
+    assert not s["targets"]["at_least_0.9_of_pair_only"]
+    assert s["targets"]["merge_on_lora_pairs"] == 0.5  # rex+brick only: heart has no LoRA
+    assert s["targets"]["above_lora_sum"]
