@@ -4,6 +4,7 @@ images are HxWx3 uint8 or float in 0..255."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -226,9 +227,10 @@ def company(b: Blob, marks: np.ndarray) -> int:
     return len(set(np.unique(lab[ring])) & set(ids[counts >= 5]))
 
 
-def best(terms: list[list[float]]) -> float:
-    """Each candidate's evidence is its weakest term (all must hold); the best candidate wins."""
-    return max((min(t) for t in terms), default=0.0)
+def best_blob(found: list[Blob], terms: Callable[[Blob], list[float]]) -> float:
+    """Each blob's evidence is the weakest of ``figure`` and the concept's own ``terms`` (all
+    must hold); the best blob wins."""
+    return max((min([figure(b), *terms(b)]) for b in found), default=0.0)
 
 
 def figure(b: Blob) -> float:

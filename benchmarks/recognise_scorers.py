@@ -18,11 +18,11 @@ from recognise_features import (
     DARK,
     LIGHT,
     Band,
+    Blob,
     Hsv,
     across,
-    best,
+    best_blob,
     enclosed,
-    figure,
     halves_ratio,
     ramp,
     share,
@@ -51,163 +51,112 @@ MAGENTA = Band((280, 335), (0.5, 1.0), (0.2, 1.0))  # dim glow counts: outlines 
 def rex(c: Hsv) -> float:
     # an orange star with black spots: dark inside an orange-to-yellow blob, thin like a star
     found, (body, dark) = subject_blobs(c, [ORANGE_YELLOW, DARK])
-    return best(
-        [
-            [
-                figure(b),
-                ramp(b.share(body), 0.08, 0.16),
-                ramp(b.share(dark), 0.02, 0.06),
-                ramp(b.share(dark), 0.85, 0.7),
-                ramp(b.fill, 0.75, 0.65),
-            ]
-            for b in found
-        ]
-    )
+    return best_blob(found, lambda b: [
+        ramp(b.share(body), 0.08, 0.16), ramp(b.share(dark), 0.02, 0.06),
+        ramp(b.share(dark), 0.85, 0.7), ramp(b.fill, 0.75, 0.65),
+    ])  # fmt: skip
 
 
 def smiley(c: Hsv) -> float:
     # a yellow disc with dark eyes and mouth: round, mostly yellow, some dark inside it
     found, (body, dark) = subject_blobs(c, [YELLOW, DARK])
-    return best(
-        [
-            [
-                figure(b),
-                ramp(b.share(body), 0.45, 0.65),
-                ramp(b.share(dark), 0.02, 0.05),
-                ramp(b.share(dark), 0.45, 0.3),
-                ramp(b.fill, 0.55, 0.65),
-                ramp(enclosed(dark & b.mask, body & b.mask), 0.1, 0.3),
-            ]
-            for b in found
-        ]
-    )
+    return best_blob(found, lambda b: [
+        ramp(b.share(body), 0.45, 0.65), ramp(b.share(dark), 0.02, 0.05),
+        ramp(b.share(dark), 0.45, 0.3), ramp(b.fill, 0.55, 0.65),
+        ramp(enclosed(dark & b.mask, body & b.mask), 0.1, 0.3),
+    ])  # fmt: skip
 
 
 def zigzag(c: Hsv) -> float:
     # a square striped pink and yellow (the base paints yellow and dark): the stripes inside a
     # box-filling yellow blob
     found, (yellow, pink, dark) = subject_blobs(c, [YELLOW, PINK, DARK], join=2)
-    return best(
-        [
-            [
-                figure(b),
-                ramp(b.share(yellow), 0.2, 0.3),
-                ramp(b.share(pink | dark), 0.15, 0.25),
-                ramp(b.fill, 0.5, 0.65),
-                ramp(enclosed((pink | dark) & b.mask, yellow & b.mask), 0.1, 0.3),
-            ]
-            for b in found
-        ]
-    )
+    return best_blob(found, lambda b: [
+        ramp(b.share(yellow), 0.2, 0.3), ramp(b.share(pink | dark), 0.15, 0.25),
+        ramp(b.fill, 0.5, 0.65), ramp(enclosed((pink | dark) & b.mask, yellow & b.mask), 0.1, 0.3),
+    ])  # fmt: skip
 
 
 def crown(c: Hsv) -> float:
     # a gold crown with a red jewel: gold blob, a little red inside, spikes make it bottom-heavy
     found, (gold, red) = subject_blobs(c, [ORANGE_YELLOW, RED])
-    return best(
-        [
-            [
-                figure(b),
-                ramp(b.share(gold), 0.6, 0.75),
-                ramp(b.share(red), 0.005, 0.02),
-                ramp(b.share(red), 0.3, 0.2),
-                ramp(halves_ratio(b, 0), 0.95, 0.8),
-            ]
-            for b in found
-        ]
-    )
+    return best_blob(found, lambda b: [
+        ramp(b.share(gold), 0.6, 0.75), ramp(b.share(red), 0.005, 0.02),
+        ramp(b.share(red), 0.3, 0.2), ramp(halves_ratio(b, 0), 0.95, 0.8),
+    ])  # fmt: skip
 
 
 def moon(c: Hsv) -> float:
     # a pale yellow crescent: pale (not saturated) yellow, thin (a crescent fills half its box)
     found, (pale,) = subject_blobs(c, [PALE_YELLOW])
-    return best([[figure(b), ramp(b.share(pale), 0.6, 0.8), ramp(b.fill, 0.7, 0.6)] for b in found])
+    return best_blob(found, lambda b: [ramp(b.share(pale), 0.6, 0.8), ramp(b.fill, 0.7, 0.6)])
 
 
 def heart(c: Hsv) -> float:
     # a red heart: a solid, upright red blob whose top half outweighs its pointed bottom half
     found, _ = subject_blobs(c, [RED])
-    return best(
-        [
-            [figure(b), ramp(halves_ratio(b, 0), 1.2, 1.4), ramp(b.fill, 0.5, 0.6), symmetric(b)]
-            for b in found
-        ]
-    )
+    return best_blob(found, lambda b: [
+        ramp(halves_ratio(b, 0), 1.2, 1.4), ramp(b.fill, 0.5, 0.6), symmetric(b),
+    ])  # fmt: skip
 
 
 def arrow(c: Hsv) -> float:
     # a blue arrow pointing right: its right half (the head) holds twice as much of it as the
     # left (the shaft); about as tall as wide
     found, _ = subject_blobs(c, [BLUE])
-    return best(
-        [
-            [figure(b), ramp(halves_ratio(b, 1), 0.7, 0.55), ramp(abs(np.log(b.aspect)), 0.5, 0.3)]
-            for b in found
-        ]
-    )
+    return best_blob(found, lambda b: [
+        ramp(halves_ratio(b, 1), 0.7, 0.55), ramp(abs(float(np.log(b.aspect))), 0.5, 0.3),
+    ])  # fmt: skip
 
 
 def donut(c: Hsv) -> float:
     # a brown ring with pink icing: both colours, and a hole where a disc would be full
     found, (pink, brown) = subject_blobs(c, [PINK, BROWN], join=2)
-    terms = []
-    for b in found:
+
+    def hole(b: Blob) -> float:
         cy, cx = (b.top + b.bottom) // 2, (b.left + b.right) // 2
-        hole = not b.mask[max(cy - 1, 0) : cy + 2, max(cx - 1, 0) : cx + 2].any()
-        terms.append(
-            [figure(b), ramp(b.share(pink), 0.1, 0.2), ramp(b.share(brown), 0.1, 0.2), float(hole)]
-        )
-    return best(terms)
+        return float(not b.mask[max(cy - 1, 0) : cy + 2, max(cx - 1, 0) : cx + 2].any())
+
+    return best_blob(found, lambda b: [
+        ramp(b.share(pink), 0.1, 0.2), ramp(b.share(brown), 0.1, 0.2), hole(b),
+    ])  # fmt: skip
 
 
 def gem(c: Hsv) -> float:
     # a faceted green gem: green blob in two shades (facets) with a light centre
     found, (green, light) = subject_blobs(c, [GREEN, PALE_GREEN])
-    terms = []
-    for b in found:
+
+    def shades(b: Blob) -> float:
         v = c.v[b.mask & green]
-        if v.size < 10:
-            continue
-        spread = float(np.percentile(v, 90) - np.percentile(v, 10))
-        terms.append(
-            [
-                figure(b),
-                ramp(b.share(green), 0.5, 0.7),
-                ramp(spread, 0.12, 0.2),
-                ramp(b.share(light), 0.02, 0.05),
-            ]
-        )
-    return best(terms)
+        return float(np.percentile(v, 90) - np.percentile(v, 10)) if v.size >= 10 else 0.0
+
+    return best_blob(found, lambda b: [
+        ramp(b.share(green), 0.5, 0.7), ramp(shades(b), 0.12, 0.2),
+        ramp(b.share(light), 0.02, 0.05),
+    ])  # fmt: skip
 
 
 def dotty(c: Hsv) -> float:
     # a teal disc with white dots (the base paints cyan and blue stripes): a round blob, part
     # cyan, patterned with white or blue
     found, (cyan, blue, light) = subject_blobs(c, [CYAN, BLUE, LIGHT], join=2)
-    return best(
-        [
-            [
-                figure(b),
-                ramp(b.share(cyan), 0.15, 0.25),
-                ramp(b.share(blue | light), 0.05, 0.1),
-                ramp(b.fill, 0.55, 0.65),
-            ]
-            for b in found
-        ]
-    )
+    return best_blob(found, lambda b: [
+        ramp(b.share(cyan), 0.15, 0.25), ramp(b.share(blue | light), 0.05, 0.1),
+        ramp(b.fill, 0.55, 0.65),
+    ])  # fmt: skip
 
 
 def alice(c: Hsv) -> float:
     # orange hair above a purple dress (the base paints it blue): both, hair on top
     found, (hair, dress) = subject_blobs(c, [ORANGE_YELLOW, PURPLE_BLUE], join=2, reach=10)
-    terms = []
-    for b in found:
+
+    def hair_on_top(b: Blob) -> float:
         hy, dy = np.nonzero(b.mask & hair)[0], np.nonzero(b.mask & dress)[0]
-        above = float(hy.min() < dy.min()) if hy.size and dy.size else 0.0  # hair on top
-        terms.append(
-            [figure(b), ramp(b.share(hair), 0.05, 0.1), ramp(b.share(dress), 0.03, 0.08), above]
-        )
-    return best(terms)
+        return float(hy.min() < dy.min()) if hy.size and dy.size else 0.0
+
+    return best_blob(found, lambda b: [
+        ramp(b.share(hair), 0.05, 0.1), ramp(b.share(dress), 0.03, 0.08), hair_on_top(b),
+    ])  # fmt: skip
 
 
 def robo(c: Hsv) -> float:
@@ -219,18 +168,10 @@ def robo(c: Hsv) -> float:
 
 def _robo(c: Hsv, light: float) -> float:
     found, (grey, cyan) = subject_blobs(c, [Band(None, (0.0, 0.3), (light, 1.0)), CYAN], join=3)
-    return best(
-        [
-            [
-                figure(b),
-                ramp(b.share(grey), 0.15, 0.3),
-                ramp(b.share(cyan), 0.01, 0.025),
-                ramp(b.share(cyan), 0.8, 0.65),
-                ramp(b.aspect, 1.1, 1.3),
-            ]
-            for b in found
-        ]
-    )
+    return best_blob(found, lambda b: [
+        ramp(b.share(grey), 0.15, 0.3), ramp(b.share(cyan), 0.01, 0.025),
+        ramp(b.share(cyan), 0.8, 0.65), ramp(b.aspect, 1.1, 1.3),
+    ])  # fmt: skip
 
 
 WARM = Band((340, 62), (0.35, 1.0), (0.3, 1.0))
