@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL.Image import NEAREST
 
 KIND_ORDER = ("person", "subject", "scene", "style")  # the order a prompt names them in
 # The issue's four kinds of pair, in the order default pairs are drawn. Styles that keep a
@@ -152,7 +153,9 @@ def measure(modules: Any, prompts: Sequence[str], probe: Any, render: Any | None
     )
 
 
-def distance(model: Measured, pair_only: Measured, base: Measured, prompt: str, g: float) -> dict:
+def distance(
+    model: Measured, pair_only: Measured, base: Measured, prompt: str, g: float
+) -> dict[str, float]:
     """‖ε_m − ε_b‖² / ‖ε_b − ε_base‖² on the pair prompt, single-step and guided."""
     from blockctl.evaluate import guided, ratio
 
@@ -211,20 +214,12 @@ def timed(label: str) -> Iterator[None]:
 Grid = tuple[list[list[Any]], list[str]]
 
 
-def run(args: argparse.Namespace) -> tuple[dict[str, Any], Grid]:
-    import torch
-    from lora_baseline import unet_targets
-    from recognise import calibrate
-
-    from blockctl.apply import Modules, applied
-    from blockctl.base_model import resolve_base
-    from blockctl.evaluate import EvalConfig, Probe, renderer
-    from blockctl.layout import layout_of
-    from blockctl.merge import plan_merge
+def select(args: argparse.Namespace) -> tuple[Any, list[Concept], list[Pair]]:
+    """The registry, the N concepts to merge and the pairs to ask about; ValueError if the
+    request cannot be measured."""
     from blockctl.toy.concepts import CONCEPTS
     from registry import open_registry
 
-    torch.set_num_threads(args.threads)
     reg = open_registry(args.registry)
     if not reg.exists():
         raise ValueError(f"no registry at {args.registry}")
@@ -240,14 +235,38 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Grid]:
     concepts = [
         Concept(n, records[n].token, records[n].class_word, CONCEPTS[n].kind) for n in names
     ]
-    by_name = {c.name: c for c in concepts}
-    pairs = parse_pairs(args.pairs, by_name) if args.pairs else default_pairs(concepts)
+    pairs = (
+        parse_pairs(args.pairs, {c.name: c for c in concepts})
+        if args.pairs
+        else default_pairs(concepts)
+    )
     if not pairs:
         raise ValueError("no pair of different kinds among these concepts")
-    prompts = [p.prompt() for p in pairs]
+    return reg, concepts, pairs
 
-    with timed("recogniser calibrated"):
-        rec = calibrate()
+
+@dataclass(frozen=True)
+class Models:
+    """Every model's answers: the base (predictions only), (a), (b) per pair prompt, (c)."""
+
+    base: Measured
+    merged: Measured
+    pair_only: dict[str, Measured]
+    lora: Measured | None
+    lora_names: list[str]
+
+
+def sample_models(
+    args: argparse.Namespace, reg: Any, concepts: list[Concept], pairs: list[Pair]
+) -> Models:
+    from lora_baseline import unet_targets
+
+    from blockctl.apply import Modules, applied
+    from blockctl.base_model import resolve_base
+    from blockctl.evaluate import EvalConfig, Probe, renderer
+    from blockctl.layout import layout_of
+    from blockctl.merge import plan_merge
+
     base_dir = resolve_base(layout_of(reg).base)
     base = Modules.load(base_dir)
     config = EvalConfig(
@@ -259,65 +278,91 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Grid]:
     )
     probe = Probe(base, base_dir / "scheduler", config)
     render = renderer(base_dir, config)
-
+    prompts = [p.prompt() for p in pairs]
     with timed("base predictions"):
         base_m = measure(base, prompts, probe, None)  # the distance's reference; no images
-    with timed(f"(a) merge of all {len(concepts)}"), applied(plan_merge(reg, names, {}), base) as m:
+    names = [c.name for c in concepts]
+    with timed(f"(a) merge of all {len(names)}"), applied(plan_merge(reg, names, {}), base) as m:
         merged = measure(m, prompts, probe, render)
     pair_only: dict[str, Measured] = {}
     for p, prompt in zip(pairs, prompts, strict=True):
         plan = plan_merge(reg, list(p.names), {})
         with timed(f"(b) merge of {'+'.join(p.names)}"), applied(plan, base) as m:
             pair_only[prompt] = measure(m, [prompt], probe, render)
-    lora: Measured | None = None
-    lora_names: list[str] = []
-    if args.lora:
-        with timed("(c) lora-sum"):
-            ctx, lora_names = lora_model(base, base_dir, args.lora, concepts, unet_targets(reg))
-            with ctx as m:
-                lora = measure(m, prompts, probe, render)
+    if not args.lora:
+        return Models(base_m, merged, pair_only, None, [])
+    with timed("(c) lora-sum"):
+        ctx, lora_names = lora_model(base, base_dir, args.lora, concepts, unet_targets(reg))
+        with ctx as m:
+            lora = measure(m, prompts, probe, render)
+    return Models(base_m, merged, pair_only, lora, lora_names)
 
-    rows, grid_rows, captions = [], [], []
-    for p, prompt in zip(pairs, prompts, strict=True):
-        b = pair_only[prompt]
+
+def table(
+    rec: Any, models: Models, pairs: list[Pair], n: int, guidance: float
+) -> tuple[list[dict[str, Any]], Grid]:
+    """One row per pair and method (a pair with a concept that has no LoRA gets a ``skipped``
+    lora-sum row), and the grid: per pair, rows (b), (a), (c)."""
+    rows: list[dict[str, Any]] = []
+    grid_rows: list[list[Any]] = []
+    captions: list[str] = []
+    for p in pairs:
+        prompt = p.prompt()
+        b = models.pair_only[prompt]
         b_both, _ = recognition(rec, b.images[prompt], p)
-        models: list[tuple[str, str, int, Measured | None]] = [
+        methods: list[tuple[str, str, int, Measured | None]] = [
             (PAIR, "(b) the pair's merge", 2, b),
-            (ALL, f"(a) merge of all {len(names)}", len(names), merged),
+            (ALL, f"(a) merge of all {n}", n, models.merged),
         ]
-        if args.lora:
-            usable = lora if set(p.names) <= set(lora_names) else None
-            label = f"(c) lora-sum of {len(lora_names)}"
-            models.append((LORA, label, len(lora_names), usable))
-        for method, label, n, model in models:
+        if models.lora is not None:
+            missing = sorted(set(p.names) - set(models.lora_names))
+            label = f"(c) lora-sum of {len(models.lora_names)}"
+            methods.append((LORA, label, len(models.lora_names), None if missing else models.lora))
+        for method, label, size, model in methods:
             row: dict[str, Any] = {
                 "method": method,
-                "n": n,
+                "n": size,
                 "pair": list(p.names),
                 "kinds": p.kinds,
                 "prompt": prompt,
             }
             if model is None:
-                row["skipped"] = "no LoRA of " + " or ".join(set(p.names) - set(lora_names))
-                rows.append(row)
+                rows.append({**row, "skipped": "no LoRA of " + " or ".join(missing)})
                 continue
             both, each = recognition(rec, model.images[prompt], p)
-            row |= {
-                "both_recognised": both,
-                "each_recognised": each,
-                "pair_only_both_recognised": b_both,
-                **distance(model, b, base_m, prompt, args.guidance),
-                "images": len(model.images[prompt]),
-            }
-            rows.append(row)
-            grid_rows.append([im.resize((128, 128)) for im in model.images[prompt]])
+            rows.append(
+                {
+                    **row,
+                    "both_recognised": both,
+                    "each_recognised": each,
+                    "pair_only_both_recognised": b_both,
+                    **distance(model, b, models.base, prompt, guidance),
+                    "images": len(model.images[prompt]),
+                }
+            )
+            # twice the size, pixels kept: the samples as they are, captions that fit
+            grid_rows.append([im.resize((128, 128), NEAREST) for im in model.images[prompt]])
             captions.append(f"{label}: both {both:.2f}  |  {prompt}")
             print(
-                f"{'+'.join(p.names):>16} {method:>18}: both {both:.2f} each "
+                f"{'+'.join(p.names):>16} {method:>14}: both {both:.2f} each "
                 + " ".join(f"{k} {v:.2f}" for k, v in each.items())
-                + f"  distance {row['function_space_distance']:.3f}",
+                + f"  distance {rows[-1]['function_space_distance']:.3f}",
                 flush=True,
             )
+    return rows, (grid_rows, captions)
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], Grid]:
+    import torch
+    from recognise import calibrate
+
+    torch.set_num_threads(args.threads)
+    reg, concepts, pairs = select(args)
+    with timed("recogniser calibrated"):
+        rec = calibrate()
+    models = sample_models(args, reg, concepts, pairs)
+    rows, grid = table(rec, models, pairs, len(concepts), args.guidance)
+    names = [c.name for c in concepts]
     return {
         "smoke": args.smoke,
         "run": None,  # filled by main
@@ -325,7 +370,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Grid]:
         "lora": str(args.lora) if args.lora else None,
         "concepts": names,
         "n": len(names),
-        "lora_concepts": lora_names,
+        "lora_concepts": models.lora_names,
         "settings": {
             "images": args.images,
             "seed": args.seed,
@@ -336,7 +381,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Grid]:
         "recogniser_thresholds": {n: round(rec.thresholds[n], 4) for n in names},
         "summary": summarise(rows),
         "rows": rows,
-    }, (grid_rows, captions)
+    }, grid
 
 
 def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -405,6 +450,7 @@ def main() -> None:
         parser.error("--images must be positive")
     if args.lora is not None and not args.lora.is_dir():
         parser.error(f"--lora {args.lora} is not a folder")
+    meta = run_meta()  # the code that runs, not what the checkout holds when it ends
     try:
         result, (grid_rows, captions) = run(args)
     except ValueError as e:  # a pair or concept list that cannot be measured
@@ -413,7 +459,7 @@ def main() -> None:
     except BlockctlError as e:  # the registry's own complaints, with its exit codes
         print(f"Error: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
-    result["run"] = run_meta()
+    result["run"] = meta
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     make_grid(grid_rows, captions).save(args.grid)
     print(json.dumps(result["summary"], indent=2))
