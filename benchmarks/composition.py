@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL.Image import NEAREST
+from PIL.Image import Resampling
 
 KIND_ORDER = ("person", "subject", "scene", "style")  # the order a prompt names them in
 # The four kinds of pair, in the order default pairs are drawn. Styles that keep a
@@ -341,7 +341,9 @@ def table(
                 }
             )
             # twice the size, pixels kept: the samples as they are, captions that fit
-            grid_rows.append([im.resize((128, 128), NEAREST) for im in model.images[prompt]])
+            grid_rows.append(
+                [im.resize((128, 128), Resampling.NEAREST) for im in model.images[prompt]]
+            )
             captions.append(f"{label}: both {both:.2f}  |  {prompt}")
             print(
                 f"{'+'.join(p.names):>16} {method:>14}: both {both:.2f} each "
