@@ -7,8 +7,11 @@ styles are global statistics.
 
 Each score is 0 when a condition fails and otherwise grows with the evidence; one threshold per
 concept is calibrated on training-style renders (``render_concept`` with a calibration seed)
-against negatives (other concepts' renders and plain world images), and validated on held-out
-seeds (``validate``). numpy only; images are HxWx3 uint8 or float in 0..255.
+against negatives (other concepts' renders, plain world images and each concept's "without"
+twin), and validated on held-out renders (``validate``), on clean two-concept composites
+(``validate_composites``) and, with ``--registry``, on samples of trained concepts alone and of
+the base's class prompts (``sample_alone``, ``generated_rates``: the images it must read).
+numpy only, torch only to sample; images are HxWx3 uint8 or float in 0..255.
 
     python benchmarks/recognise.py                          # clean renders only
     python benchmarks/recognise.py --registry REG --images 8  # and samples of REG's concepts
