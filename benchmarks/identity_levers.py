@@ -1,10 +1,10 @@
-"""The levers of issue #11, each on its own and together (DESIGN sections 4 and 5): a bound on
+"""The levers of issue #11, each on its own and together (docs/design.md §4 and §5): a bound on
 the learnt token's norm, erasure prompts with random stand-in tokens, empty erasure prompts, and
 how strongly each concept learns.
 
 Six toy concepts (a subject, a scene, a style, a person, and the two kinds that learnt least in
 the first identity benchmark) are each trained alone with one setting, then all six are merged and
-measured (DESIGN section 10, with the guided, empty-prompt and sample-level figures). Every
+measured (docs/design.md §10, with the guided, empty-prompt and sample-level figures). Every
 setting is spelt out in full below, so a changed trainer default never changes what a row means;
 trained adapters are cached under ``--work`` by a hash of the setting.
 

@@ -1,7 +1,7 @@
-"""The sweep behind blockctl's layout and ROE defaults (issue #7, DESIGN section 4).
+"""The sweep behind blockctl's layout and ROE defaults (issue #7, docs/design.md §4).
 
 Four toy concepts, one of each kind, each trained alone with one setting, then merged all four
-together and measured (DESIGN section 10). From N = 4 the sweep projects N = 15 linearly: the
+together and measured (docs/design.md §10). From N = 4 the sweep projects N = 15 linearly: the
 other concepts' contributions are independent updates, so crosstalk grows with their count,
 ``crosstalk_15 ≈ crosstalk_4 · 14/3`` and ``prior_15 ≈ drift + (prior_4 − drift) · 14/3``; the
 full benchmark (identity.py) then measures N = 15 itself for the setting chosen here.

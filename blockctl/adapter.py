@@ -1,4 +1,4 @@
-"""The adapter file: one safetensors file per concept, self-describing (DESIGN section 6).
+"""The adapter file: one safetensors file per concept, self-describing (docs/design.md §6).
 
 Tensors: ``{target}.lora_B.weight`` (out×r) per target, ``token_embedding.{token}`` (1×dim) per
 token for the (first) text encoder and, on SDXL, ``token_embedding_2.{token}`` for

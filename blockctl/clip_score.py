@@ -1,5 +1,5 @@
-"""Optional CLIP alignment for ``blockctl eval --clip PATH`` (the paper's metric; DESIGN section
-10 calls it an extra): images are generated with seeded noise, embedded with a local CLIP model.
+"""Optional CLIP alignment for ``blockctl eval --clip PATH`` (the paper's metric; docs/design.md
+§10 calls it an extra): images are generated with seeded noise, embedded with a local CLIP model.
 
 - **image alignment**: cosine similarity between the merged model's image of a concept and the
   concept-alone model's image from the same seed (1 = the merge left the concept's look intact);

@@ -1,4 +1,4 @@
-"""Identity metrics (DESIGN section 10): how much of each concept survives a merge, and what the
+"""Identity metrics (docs/design.md §10): how much of each concept survives a merge, and what the
 other concepts add, measured on the UNet's noise predictions and on sampled images.
 
 For concept s, on seeded latents, noises and timesteps, ε_b is the base, ε_s base + s alone and

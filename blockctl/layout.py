@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 2
 TOKEN_EMBEDDING_KEY = "embeddings.token_embedding.weight"
 
-# Target presets (DESIGN section 2). Patterns match weight keys without ".weight".
+# Target presets (docs/design.md §2). Patterns match weight keys without ".weight".
 _UNET_ATTN = re.compile(r"^(.*\.attn[12])\.(to_q|to_k|to_v|to_out\.0)$")
 _UNET_CROSS_KV = re.compile(r"^(.*\.attn2)\.(to_k|to_v)$")
 _TEXT_ATTN = re.compile(r"^(encoder\.layers\.\d+\.self_attn)\.(q_proj|k_proj|v_proj|out_proj)$")

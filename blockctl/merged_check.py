@@ -1,4 +1,4 @@
-"""``verify --merged``: do a merged output's weights equal base + Σ ΔW? (DESIGN section 9)
+"""``verify --merged``: do a merged output's weights equal base + Σ ΔW? (docs/design.md §9)
 
 Deliberately independent of the merge code path: the expected weights are recomputed in
 float64 from the registry's adapters, its basis and the base, one slot at a time

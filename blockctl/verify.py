@@ -1,4 +1,4 @@
-"""Checks that adapters are intact and disjoint (DESIGN section 9)."""
+"""Checks that adapters are intact and disjoint (docs/design.md §9)."""
 
 from __future__ import annotations
 

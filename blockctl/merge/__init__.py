@@ -1,4 +1,4 @@
-"""Instant merge of any subset of published concepts (DESIGN section 8), atomically.
+"""Instant merge of any subset of published concepts (docs/design.md §8), atomically.
 
 The package: ``choices`` (formats and LoRA key styles), ``plan`` (the request checked and
 loaded: ``MergeOptions``, ``plan_merge``, ``MergePlan``), ``staging`` (temporary siblings renamed

@@ -1,4 +1,4 @@
-"""Planning a merge (DESIGN section 8): the request checked against the registry and
+"""Planning a merge (docs/design.md §8): the request checked against the registry and
 everything the writers need loaded, nothing written yet.
 
 ``plan_merge`` loads the selected adapters' B blocks (small: rank × out per target). The output

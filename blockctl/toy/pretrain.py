@@ -6,7 +6,7 @@
 The text encoder is trained jointly with the UNet: a randomly initialised, frozen CLIP encoder
 gives near-identical embeddings for different captions, and the UNet then ignores its prompt.
 Latents are scaled to unit std (measured, stored as ``vae.config.scaling_factor``) or the
-diffusion loss is trivially small and nothing about the prompt is learnt (DESIGN.md §11).
+diffusion loss is trivially small and nothing about the prompt is learnt (docs/design.md §11).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ class TrainConfig:
     # that falls inside OTHER slots' subspaces, where their updates would act on it.
     token_isolation: float = 0.0
     # Bound on the learnt token row's norm, as a multiple of the vocabulary's largest row norm
-    # (0: unbounded). Unbounded rows ended 7–8× the vocabulary's largest (DESIGN section 5).
+    # (0: unbounded). Unbounded rows ended 7–8× the vocabulary's largest (docs/design.md §5).
     token_norm_bound: float = 0.0
     # Shares of erasure prompts holding stand-in tokens, and empty (roe.py).
     roe_standin: float = 0.0

@@ -1,4 +1,4 @@
-"""Randomized Output Erasure (DESIGN section 4), as this project reads it; kept in one module
+"""Randomized Output Erasure (docs/design.md §4), as this project reads it; kept in one module
 so the reading can be measured and changed in one place.
 
 Each step, with probability ``p_roe``, an erasure batch is drawn: prompts from a randomized pool

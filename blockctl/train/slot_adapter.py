@@ -70,7 +70,7 @@ class TokenEmbedding(nn.Module):
     embedding), i.e. the model before training.
 
     ``max_norm`` (when set) bounds the learnt row's norm; ``project_`` applies it after each
-    optimizer step, keeping the token inside the vocabulary's range (DESIGN section 5).
+    optimizer step, keeping the token inside the vocabulary's range (docs/design.md §5).
     """
 
     def __init__(
@@ -185,7 +185,7 @@ class ConceptAdapter:
                 m.enabled = True
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The adapter file's tensors (DESIGN section 6)."""
+        """The adapter file's tensors (docs/design.md §6)."""
         out = {up_key(name): m.up.detach().float().cpu().clone() for name, m in self.slots.items()}
         for encoder, e in self.embeddings.items():
             out[token_key(self.token, encoder)] = e.row.detach().float().cpu().clone()

@@ -1,4 +1,4 @@
-"""Slot math properties (DESIGN section 3)."""
+"""Slot math properties (docs/design.md §3)."""
 
 from __future__ import annotations
 
