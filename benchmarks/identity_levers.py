@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_meta import run_meta
 from identity_common import line, slot_registry, slot_row
 
 CONCEPTS = ["rex", "brick", "vangogh", "alice", "heart", "robo"]
@@ -88,6 +89,7 @@ def main() -> None:
             overrides=overrides,
             train_seconds=seconds or None,
             eval_seconds=round(time.perf_counter() - t0, 1),
+            run=run_meta(),
         )
         print(line(row), flush=True)
         # Re-read before writing: several runs may go side by side, one thread each.
