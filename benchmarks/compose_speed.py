@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_meta import git_commit, versions  # noqa: E402 - siblings, importable by the path above
+from bench_meta import RESULTS, git_commit, versions  # noqa: E402 - siblings, importable by the path above
 from merge_speed import (  # noqa: E402
     build_base,
     build_registry,
@@ -450,7 +450,7 @@ def export_loras(reg_path: Path, out: Path, n: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "compose-bench")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/compose_speed.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "compose_speed.json")
     parser.add_argument("--switches", type=int, default=20)
     parser.add_argument("--forwards", type=int, default=4)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU run")

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_meta import run_meta
 
 from blockctl.evaluate import EvalConfig, evaluate
 from blockctl.initialize import init_registry
@@ -94,6 +95,7 @@ def main() -> None:
                           generator=torch.Generator("cuda").manual_seed(0)).images  # fmt: skip
             result["generate_seconds"] = round(time.perf_counter() - t0, 2)
             result["images_finite"] = bool(torch.isfinite(torch.from_numpy(images)).all())
+    result["run"] = run_meta()
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

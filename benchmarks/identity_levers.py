@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_meta import run_meta
+from bench_meta import RESULTS, run_meta
 from identity_common import line, slot_registry, slot_row
 
 CONCEPTS = ["rex", "brick", "vangogh", "alice", "heart", "robo"]
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("--work", type=Path, default=Path("benchmarks/.identity-work"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/identity_levers.json"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "identity_levers.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.configs.split(","):

@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from bench_meta import RESULTS
+
 PANELS = (
     ("mean_retention", "mean retention (1 = all kept)", (1.0, None)),
     ("mean_crosstalk", "mean crosstalk (0 = none)", (None, 0.25)),
@@ -28,8 +30,8 @@ STYLE = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=Path, default=Path("benchmarks/results/identity.json"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/identity.png"))
+    parser.add_argument("--rows", type=Path, default=RESULTS / "identity.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "identity.png")
     args = parser.parse_args()
 
     import matplotlib

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_meta import RESULTS, run_meta
 from identity_common import line, slot_registry, slot_row
 
 CONCEPTS = ["rex", "brick", "vangogh", "alice"]  # subject, scene, style, person
@@ -71,7 +72,7 @@ def main() -> None:
     parser.add_argument("--around", default=None, help="add preset/TE/steps variants of this")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("benchmarks/.identity-work"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/identity_sweep.json"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "identity_sweep.json")
     args = parser.parse_args()
     if args.around:
         add_layout_variants(args.around)
@@ -88,6 +89,7 @@ def main() -> None:
             train_seconds=seconds or None,
             eval_seconds=round(time.perf_counter() - t0, 1),
             **projected(row),
+            run=run_meta(),
         )
         print(line(row), f" → N=15 ≈ crosstalk {row['crosstalk_15']:.3f}, "
               f"prior {row['prior_interference_15']:.3f}", flush=True)  # fmt: skip

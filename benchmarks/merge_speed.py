@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_meta import git_commit  # noqa: E402 - a sibling, importable by the path above
+from bench_meta import RESULTS, git_commit  # noqa: E402 - a sibling, importable by the path above
 
 SD15_UNET: dict[str, Any] = {
     "sample_size": 64,
@@ -573,7 +573,7 @@ def sdxl_case(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "merge-bench")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/merge_speed.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "merge_speed.json")
     parser.add_argument("--concepts", type=int, default=15)
     parser.add_argument("--scaling", default="1,5,15,40,80")
     parser.add_argument("--repeats", type=int, default=3)

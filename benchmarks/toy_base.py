@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from bench_meta import RESULTS, run_meta
 from PIL import Image, ImageDraw
 
 from blockctl.sample import generate, load_pipeline
@@ -35,7 +36,6 @@ from blockctl.toy.world import (
     shape_mask,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PALETTE = np.array([COLOR_RGB[c] for c in COLOR_NAMES], np.float32)
 COLOR_TOL = 75.0  # RGB distance; neutral backgrounds stay > 130 from every palette color
 CROP = 20
@@ -208,6 +208,7 @@ def main() -> None:
         "prompt_sensitivity": sens,
         "classifier_accuracy_on_world_images": sanity,
         "seconds": round(time.perf_counter() - t0, 1),
+        "run": run_meta(),
         "per_caption": rows,
     }
     a.out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_meta import RESULTS, run_meta
 from PIL import Image
 
 from blockctl.base_model import resolve_base
@@ -36,7 +37,6 @@ from blockctl.train.config import TrainConfig
 from blockctl.train.run import Session, TrainRequest, prepare
 from registry import open_registry
 
-RESULTS = Path(__file__).resolve().parent / "results" / "train_speed.json"
 Step = Callable[[int], None]
 
 
@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--per-round", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "train_speed.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="blockctl-bench-") as tmp_name:
@@ -185,6 +185,7 @@ def main() -> None:
         "roe_p1_overhead_vs_slot": round(median["slot_roe_p1"] / median["slot"], 3),
         "targets_ratio": {"slot_overhead": 1.1, "roe_overhead": 1.6},
     }
+    result["run"] = run_meta()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.is_file():  # keep the recorded defaults-tuning notes across reruns
         previous = json.loads(args.out.read_text())
