@@ -23,6 +23,10 @@ DEFAULT_CONCEPTS = ("rex", "brick", "vangogh")
 # A demo marks its OUT with this file; ``--force`` replaces only DEMO_ENTRIES, and only there.
 MARKER = ".blockctl-demo"
 DEMO_ENTRIES = ("registry", "photos", "runs", "merged", "samples.png", "summary.json")
+# Half the trainer's 600: on the toy base a concept's change ‖δ‖² has converged by 300 steps
+# (identity sweep, docs/benchmarks.md: 1.6e-2 after 300, 1.5e-2 after 600, with crosstalk
+# and prior interference as low), and it keeps a first run within a few minutes on 2 cores.
+DEMO_STEPS = 300
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class DemoConfig:
     out: Path
     concepts: tuple[str, ...] = DEFAULT_CONCEPTS
     photos: int = 12
-    steps: int | None = None  # None: the trainer's default
+    steps: int = DEMO_STEPS
     seed: int = 0
     sample_steps: int = 15
     force: bool = False
@@ -127,7 +131,7 @@ def run_demo(config: DemoConfig, say: Say = print, progress: Progress | None = N
             f"[2/6] concept {i}/{len(config.concepts)}: {name} ({spec.kind}) "
             f"→ slot {rec.slot}; training…"
         )
-        overrides = {"seed": config.seed} | ({"steps": config.steps} if config.steps else {})
+        overrides = {"seed": config.seed, "steps": config.steps}
         request = TrainRequest(
             photos=photos, concept=name, out_dir=out / "runs" / name, overrides=overrides,
             sample=False,  # the demo draws one grid of everything at the end

@@ -13,7 +13,7 @@ from blockctl.cli.common import (
     err_console,
     training_progress,
 )
-from blockctl.demo import DEFAULT_CONCEPTS, DemoConfig, run_demo, summary_dict
+from blockctl.demo import DEFAULT_CONCEPTS, DEMO_STEPS, DemoConfig, run_demo, summary_dict
 
 
 def demo(
@@ -24,7 +24,7 @@ def demo(
         list(DEFAULT_CONCEPTS), "--concept", "-c", help="Toy concepts to use (repeat the option)."
     ),
     steps: int = typer.Option(
-        None, "--steps", min=1, help="Training steps per concept [default: the trainer's]."
+        DEMO_STEPS, "--steps", min=1, help="Training steps per concept (train's default: 600)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of photos, training and sampling."),
     force: bool = typer.Option(False, "--force", help="Start over in a non-empty OUT."),
