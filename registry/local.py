@@ -27,8 +27,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sqlite_utils import Database
-
 from blockctl.atomic import Staged
 from blockctl.errors import BlockctlError, InvalidInput, RegistryUnavailable, SlotConflict
 from registry.base import (
@@ -59,6 +57,7 @@ from registry.migrations import (
     migrate,
     utc_now,
 )
+from registry.sqlite_db import Database
 
 DB_NAME = "registry.db"
 BASIS_NAME = "basis.safetensors"

@@ -18,7 +18,7 @@ import sqlite3
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from sqlite_utils import Database
+from registry.sqlite_db import Database
 
 MIGRATIONS_TABLE = "_blockctl_migrations"
 
