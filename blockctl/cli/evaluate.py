@@ -62,30 +62,30 @@ def eval_command(
     table = Table(
         title=f"identity metrics ({'merged: ' + str(merged) if merged else 'in-memory merge'})"
     )
+    # Fits 100 columns: two-line titles, numbers never wrapped (slots are in --json).
     table.add_column("concept")
-    table.add_column("slot", justify="right")
     for _, title, _ in columns:
-        table.add_column(title, justify="right")
+        table.add_column(title, justify="right", no_wrap=True)
     for i, r in enumerate(rows):
         cells = [_cell(getattr(r, key), fmt) for key, _, fmt in columns]
-        table.add_row(r.concept, str(r.slot), *cells, end_section=i == len(rows) - 1)
+        table.add_row(r.concept, *cells, end_section=i == len(rows) - 1)
     for which in ("mean", "worst"):
         cells = [_cell(summary.get(key, {}).get(which), fmt) for key, _, fmt in columns]
-        table.add_row(f"[bold]{which}[/]", "", *cells)
+        table.add_row(f"[bold]{which}[/]", *cells)
     console.print(table)
 
 
 # (field, column title, number format)
 COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("retention", "retention", ".3f"),
-    ("crosstalk", "crosstalk", ".3f"),
-    ("prior_interference", "prior interf.", ".3f"),
-    ("empty_interference", "empty interf.", ".3f"),
-    ("guided_crosstalk", "guided crosstalk", ".3f"),
-    ("guided_prior_interference", "guided prior", ".3f"),
-    ("sample_identity", "sample identity", ".3f"),
-    ("clip_image_alignment", "CLIP image", ".3f"),
-    ("clip_text_alignment", "CLIP text", ".3f"),
+    ("retention", "reten-\ntion", ".3f"),
+    ("crosstalk", "cross-\ntalk", ".3f"),
+    ("prior_interference", "prior\ninterf.", ".3f"),
+    ("empty_interference", "empty\ninterf.", ".3f"),
+    ("guided_crosstalk", "guided\ncrosstalk", ".3f"),
+    ("guided_prior_interference", "guided\nprior", ".3f"),
+    ("sample_identity", "sample\nidentity", ".3f"),
+    ("clip_image_alignment", "CLIP\nimage", ".3f"),
+    ("clip_text_alignment", "CLIP\ntext", ".3f"),
     ("delta_sq", "‖δ‖²", ".2e"),
 )
 
