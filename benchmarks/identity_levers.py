@@ -54,6 +54,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "bound1-standin30-off2-empty10": variant(
         token_norm_bound=1.0, roe_standin=0.3, roe_standin_offset=2.0, roe_empty=0.1
     ),
+    # Equal learning strength: stop at probe ‖δ‖² 1e-2 (about the defaults' mean), 200–1200 steps.
+    "strength1e-2": variant(strength_target=1e-2, min_steps=200, steps=1200),
 }
 
 

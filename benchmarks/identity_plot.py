@@ -11,14 +11,14 @@ from pathlib import Path
 
 from bench_meta import RESULTS
 
-PANELS = (
-    ("mean_retention", "mean retention (1 = all kept)", (1.0, None)),
-    ("mean_crosstalk", "mean crosstalk (0 = none)", (None, 0.25)),
-    ("mean_prior_interference", "mean prior interference (0 = none)", (None, 0.25)),
-    ("mean_fidelity", "mean fidelity (1 = as alone; clipped at −6)", (1.0, None)),
+PANELS = (  # (key, title, (ideal, issue #11 target))
+    ("mean_retention", "mean retention (1 = all kept)", (1.0, 0.95)),
+    ("mean_crosstalk", "mean crosstalk (0 = none)", (None, 0.15)),
+    ("mean_prior_interference", "mean prior interference (0 = none)", (None, 0.15)),
+    ("empty_prompt_interference", "empty-prompt interference (0 = none)", (None, 0.15)),
+    ("sample_identity", "mean sample identity (1 = as alone)", (1.0, 0.8)),
 )
-LOG = ("mean_crosstalk", "mean_prior_interference")
-FIDELITY_FLOOR = -6.0
+LOG = ("mean_crosstalk", "mean_prior_interference", "empty_prompt_interference")
 STYLE = {
     "blockctl": ("tab:green", "o", 2.5),
     "slots-no-roe": ("tab:olive", "s", 1.5),
@@ -40,26 +40,30 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     rows = json.loads(args.rows.read_text())
-    methods = [m for m in STYLE if any(r["method"] == m for r in rows)]
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
+    # One line per method and training seed (blockctl has two).
+    lines = sorted({(r["method"], r.get("seed", 0)) for r in rows if r["method"] in STYLE},
+                   key=lambda ms: (list(STYLE).index(ms[0]), ms[1]))  # fmt: skip
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(3.8 * len(PANELS), 3.6))
     for ax, (key, title, (ideal, target)) in zip(axes, PANELS, strict=True):
-        for method in methods:
+        for method, seed in lines:
             points = sorted(
                 (r["n"], r[key])
                 for r in rows
-                if r["method"] == method and (key not in LOG or r[key] > 0)  # 0 at N=1
-            )
+                if r["method"] == method and r.get("seed", 0) == seed
+                and r.get(key) is not None and (key not in LOG or r[key] > 0)  # 0 at N=1
+            )  # fmt: skip
+            if not points:
+                continue
             color, marker, width = STYLE[method]
+            label = f"{method} (seed {seed})" if method == "blockctl" else method
             ax.plot(*zip(*points, strict=True), marker=marker, color=color, lw=width,
-                    label=method)  # fmt: skip
+                    ls="-" if seed == 0 else "--", label=label)  # fmt: skip
         if target is not None:
             ax.axhline(target, color="grey", ls="--", lw=1, label="target")
         if ideal is not None:
             ax.axhline(ideal, color="grey", ls=":", lw=1)
         if key in LOG:
             ax.set_yscale("log")
-        if key == "mean_fidelity":
-            ax.set_ylim(FIDELITY_FLOOR, 1.1)  # DARE falls to −88 at N = 15: off the chart
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("concepts merged (N)")
         ax.grid(alpha=0.3)
