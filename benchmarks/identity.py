@@ -44,7 +44,12 @@ ORDER = [
 FIFTEEN = ",".join(ORDER[:15])
 # 20 slots of rank 4 (80 of the 128 basis columns): room for every demo concept.
 LAYOUT: dict[str, Any] = {"preset": DEFAULT_PRESET, "text_encoder": False, "slots": 20}
-SLOT_METHODS: dict[str, dict[str, Any]] = {"blockctl": {}, "slots-no-roe": {"roe": False}}
+SLOT_METHODS: dict[str, dict[str, Any]] = {
+    "blockctl": {},
+    "slots-no-roe": {"roe": False},
+    # Equal learning strength (issue #11): stop at probe ‖δ‖² 1e-2, between 200 and 1200 steps.
+    "blockctl-strength": {"strength_target": 1e-2, "min_steps": 200, "steps": 1200},
+}
 METHODS = (*SLOT_METHODS, *COMBINATIONS)
 # The ordinary LoRA baseline, spelt out: what people train and merge today.
 LORA_SETTINGS: dict[str, Any] = {

@@ -21,6 +21,7 @@ PANELS = (  # (key, title, (ideal, issue #11 target))
 LOG = ("mean_crosstalk", "mean_prior_interference", "empty_prompt_interference")
 STYLE = {
     "blockctl": ("tab:green", "o", 2.5),
+    "blockctl-strength": ("tab:cyan", "P", 2.0),
     "slots-no-roe": ("tab:olive", "s", 1.5),
     "lora-sum": ("tab:red", "^", 1.5),
     "lora-ties": ("tab:purple", "v", 1.5),
