@@ -3,6 +3,7 @@ and one measured merge. Seeded; trained adapters are cached under a work folder.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -137,3 +138,14 @@ def line(r: dict[str, Any]) -> str:
         f"identity {'–' if identity is None else f'{identity:.3f}'}  "
         f"‖δ‖² {r['mean_delta_sq']:.2e} (min {r['min_delta_sq']:.1e})"
     )
+
+
+def save_setting_row(out: Path, row: dict[str, Any], concepts: Sequence[str], **extra: Any) -> None:
+    """Store one setting's row in ``out`` (``{"rows": [...], "concepts": [...], **extra}``),
+    replacing that setting's earlier row and keeping everything else. Re-read just before
+    writing: several runs may go side by side, one thread each."""
+    results = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    results["rows"] = [r for r in results["rows"] if r["method"] != row["method"]] + [row]
+    results["concepts"] = list(concepts)
+    results.update(extra)
+    out.write_text(json.dumps(results, indent=2) + "\n")

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from bench_meta import RESULTS, run_meta
-from identity_common import line, slot_registry, slot_row
+from identity_common import line, save_setting_row, slot_registry, slot_row
 
 CONCEPTS = ["rex", "brick", "vangogh", "alice", "heart", "robo"]
 LAYOUT: dict[str, Any] = {"preset": "cross-kv", "text_encoder": False, "slots": 20}
@@ -94,11 +94,7 @@ def main() -> None:
             run=run_meta(),
         )
         print(line(row), flush=True)
-        # Re-read before writing: several runs may go side by side, one thread each.
-        results = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
-        results["rows"] = [r for r in results["rows"] if r["method"] != name] + [row]
-        results["concepts"] = CONCEPTS
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        save_setting_row(args.out, row, CONCEPTS)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ full benchmark (identity.py) then measures N = 15 itself for the setting chosen 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from bench_meta import RESULTS, run_meta
-from identity_common import line, slot_registry, slot_row
+from identity_common import line, save_setting_row, slot_registry, slot_row
 
 CONCEPTS = ["rex", "brick", "vangogh", "alice"]  # subject, scene, style, person
 CROSS_KV = {"preset": "cross-kv", "text_encoder": False}
@@ -93,12 +92,7 @@ def main() -> None:
         )
         print(line(row), f" → N=15 ≈ crosstalk {row['crosstalk_15']:.3f}, "
               f"prior {row['prior_interference_15']:.3f}", flush=True)  # fmt: skip
-        # Re-read before writing: several sweeps may run side by side, one thread each.
-        results = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
-        results["rows"] = [r for r in results["rows"] if r["method"] != name] + [row]
-        results["concepts"] = CONCEPTS
-        results["how"] = __doc__.split("\n\n")[1]
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        save_setting_row(args.out, row, CONCEPTS, how=__doc__.split("\n\n")[1])
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def _cell(text: str) -> str:
 
 def _help(param: Any) -> str:
     # The registry's default path comes from the environment at import: say how instead.
-    text = _cell(param.help or "")
+    text = _cell(getattr(param, "help", None) or "")
     return re.sub(r"\S+/blockctl/registry\b", "`$XDG_DATA_HOME/blockctl/registry`", text)
 
 
@@ -72,9 +72,7 @@ def options_table(command: Any, fallbacks: dict[str, Any] | None = None) -> str:
         if param.param_type_name == "argument":
             label = f"`{param.name.upper()}`" + (" …" if param.nargs == -1 else "")
             label += "" if param.required or param.nargs == -1 else " (optional)"
-            rows.append(
-                f"| {label} | {_value(param)} | | {_cell(getattr(param, 'help', '') or '')} |"
-            )
+            rows.append(f"| {label} | {_value(param)} | | {_help(param)} |")
             continue
         names = [*param.opts, *param.secondary_opts]
         label = ", ".join(f"`{n}`" for n in names)
